@@ -1,0 +1,113 @@
+"""Model configuration: GPTConfig (frozen, validated), the book's dict keys, named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_PRECISIONS = ("default", "high", "highest")
+_INITS = ("pytorch", "gpt2")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GPTConfig:
+    """Hyperparameters of a GPT-2 model; hashable, so it is static under jit.
+
+    The first seven fields are the book's `GPT_CONFIG_124M` keys. The rest cover what
+    OpenAI's GPT-2 and fast training need; their defaults reproduce the book.
+    """
+
+    vocab_size: int = 50257
+    context_length: int = 256
+    emb_dim: int = 768
+    n_heads: int = 12
+    n_layers: int = 12
+    drop_rate: float = 0.1
+    qkv_bias: bool = False
+    # Output head shares the token embedding (OpenAI/HF); the book keeps them separate.
+    tie_embeddings: bool = False
+    # "pytorch": torch's layer defaults, as the book gets them (N(0,1) embeddings,
+    # U(+-1/sqrt(fan_in)) linears). "gpt2": N(0, 0.02), residual projections scaled.
+    init: str = "pytorch"
+    dtype: str = "float32"  # activations / matmul inputs
+    param_dtype: str = "float32"
+    # float32 matmuls on GPU/TPU run at reduced precision unless asked; "highest"
+    # keeps agreement with PyTorch's fp32 to ~1e-6.
+    matmul_precision: str = "highest"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.emb_dim % self.n_heads:
+            raise ValueError(
+                f"emb_dim={self.emb_dim} is not divisible by n_heads={self.n_heads}; "
+                "pick n_heads dividing emb_dim"
+            )
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"drop_rate={self.drop_rate!r} must be in [0, 1)")
+        _check_choice("init", self.init, _INITS)
+        _check_choice("dtype", self.dtype, _DTYPES)
+        _check_choice("param_dtype", self.param_dtype, _DTYPES)
+        _check_choice("matmul_precision", self.matmul_precision, _PRECISIONS)
+
+    @property
+    def head_dim(self) -> int:
+        return self.emb_dim // self.n_heads
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
+        """Build from the book's dict (e.g. `GPT_CONFIG_124M`) or from `to_dict` output."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown GPTConfig keys {unknown}; known keys are {sorted(names)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> GPTConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {list(choices)}")
+
+
+def _openai(emb_dim: int, n_layers: int, n_heads: int) -> GPTConfig:
+    # OpenAI's released GPT-2: context 1024, QKV bias, tied head.
+    return GPTConfig(
+        context_length=1024,
+        emb_dim=emb_dim,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        qkv_bias=True,
+        tie_embeddings=True,
+        init="gpt2",
+    )
+
+
+PRESETS: dict[str, GPTConfig] = {
+    # The book's GPT_CONFIG_124M, chapter 5.
+    "book-124m": GPTConfig(),
+    "gpt2": _openai(768, 12, 12),
+    "gpt2-medium": _openai(1024, 24, 16),
+    "gpt2-large": _openai(1280, 36, 20),
+    "gpt2-xl": _openai(1600, 48, 25),
+    # Small models: CPU demos (the default training run) and tests.
+    "small": GPTConfig(context_length=128, emb_dim=256, n_heads=4, n_layers=4, drop_rate=0.1),
+    "mini": GPTConfig(context_length=64, emb_dim=128, n_heads=4, n_layers=2, drop_rate=0.0),
+    "tiny": GPTConfig(context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0),
+}
+
+
+def get_preset(name: str) -> GPTConfig:
+    """Return the named preset; raise ValueError listing the names when unknown."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]

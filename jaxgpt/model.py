@@ -1,0 +1,275 @@
+"""GPT-2 as Flax Linen modules: the book's architecture (ch. 4), with an explicit KV cache.
+
+One definition serves both paths: `GPT.__call__(ids)` is the full causal forward pass and
+`GPT.decode(ids, cache, positions)` runs the same blocks against a cache pytree that goes
+in and comes back out (no hidden Flax "cache" collection).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxgpt.config import GPTConfig
+
+Params = Any  # nested dict of arrays, as returned by GPT(cfg).init(...)["params"]
+Cache = list[dict[str, jax.Array]]  # per layer {"k", "v"}: (batch, cache, heads, head_dim)
+
+_PRECISION = {
+    "default": jax.lax.Precision.DEFAULT,
+    "high": jax.lax.Precision.HIGH,
+    "highest": jax.lax.Precision.HIGHEST,
+}
+
+
+def _uniform(bound: float) -> nn.initializers.Initializer:
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def _dense(
+    cfg: GPTConfig, fan_in: int, features: int, *, use_bias: bool = True, residual: bool = False
+) -> nn.Dense:
+    """A Dense layer initialised as PyTorch's nn.Linear (the book) or as GPT-2."""
+    if cfg.init == "pytorch":
+        # torch.nn.Linear: kaiming_uniform(a=sqrt(5)) gives U(+-1/sqrt(fan_in)); bias the same.
+        bound = 1.0 / math.sqrt(fan_in)
+        kernel_init, bias_init = _uniform(bound), _uniform(bound)
+    else:
+        # GPT-2 paper, sec. 2.3: residual projections scaled by 1/sqrt(2 * n_layers).
+        std = 0.02 / math.sqrt(2 * cfg.n_layers) if residual else 0.02
+        kernel_init, bias_init = nn.initializers.normal(std), nn.initializers.zeros
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        kernel_init=kernel_init,
+        bias_init=bias_init,
+        dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.dtype(cfg.param_dtype),
+        precision=_PRECISION[cfg.matmul_precision],
+    )
+
+
+class LayerNorm(nn.Module):
+    """The book's LayerNorm: biased variance, eps 1e-5, `scale` and `shift`; computed in fp32."""
+
+    eps: float = 1e-5
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        emb = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (emb,), self.param_dtype)
+        shift = self.param("shift", nn.initializers.zeros, (emb,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) / jnp.sqrt(var + self.eps)
+        return (y * scale.astype(jnp.float32) + shift.astype(jnp.float32)).astype(x.dtype)
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal multi-head attention; attends to the cache when one is given."""
+
+    config: GPTConfig
+
+    def setup(self) -> None:
+        cfg = self.config
+        e = cfg.emb_dim
+        self.W_query = _dense(cfg, e, e, use_bias=cfg.qkv_bias)
+        self.W_key = _dense(cfg, e, e, use_bias=cfg.qkv_bias)
+        self.W_value = _dense(cfg, e, e, use_bias=cfg.qkv_bias)
+        self.out_proj = _dense(cfg, e, e, residual=True)
+        self.dropout = nn.Dropout(cfg.drop_rate)
+
+    def __call__(
+        self,
+        x: jax.Array,  # (batch, seq, emb)
+        positions: jax.Array,  # (batch, seq) int32, absolute position of each token
+        kv: dict[str, jax.Array] | None,  # {"k", "v"}: (batch, cache, heads, head_dim)
+        deterministic: bool,
+    ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        cfg = self.config
+        b, s, _ = x.shape
+        h, d = cfg.n_heads, cfg.head_dim
+        q = self.W_query(x).reshape(b, s, h, d)
+        k = self.W_key(x).reshape(b, s, h, d)
+        v = self.W_value(x).reshape(b, s, h, d)
+        if kv is None:
+            keys, values, key_pos = k, v, positions  # (batch, seq, heads, head_dim), (batch, seq)
+        else:
+            # Write this step's keys/values at their absolute positions, then attend to
+            # the whole cache; slots past a row's position are masked below.
+            rows = jnp.arange(b)[:, None]  # (batch, 1)
+            keys = kv["k"].at[rows, positions].set(k.astype(kv["k"].dtype))
+            values = kv["v"].at[rows, positions].set(v.astype(kv["v"].dtype))
+            kv = {"k": keys, "v": values}
+            key_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (b, keys.shape[1]))
+        prec = _PRECISION[cfg.matmul_precision]
+        scores = jnp.einsum("bshd,bthd->bhst", q, keys.astype(q.dtype), precision=prec)
+        causal = key_pos[:, None, None, :] <= positions[:, None, :, None]  # (batch, 1, seq, t)
+        # Softmax in fp32; masked with -inf as the book does, then scaled by 1/sqrt(head_dim).
+        scores = jnp.where(causal, scores.astype(jnp.float32), -jnp.inf) / math.sqrt(d)
+        weights = self.dropout(jax.nn.softmax(scores, axis=-1), deterministic=deterministic)
+        ctx = jnp.einsum(
+            "bhst,bthd->bshd", weights.astype(q.dtype), values.astype(q.dtype), precision=prec
+        )
+        return self.out_proj(ctx.reshape(b, s, h * d)), kv  # (batch, seq, emb)
+
+
+class FeedForward(nn.Module):
+    """Linear(emb, 4 emb) -> tanh-GELU -> Linear(4 emb, emb); names follow the book's `layers`."""
+
+    config: GPTConfig
+
+    def setup(self) -> None:
+        e = self.config.emb_dim
+        self.layers_0 = _dense(self.config, e, 4 * e)
+        self.layers_2 = _dense(self.config, 4 * e, e, residual=True)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.layers_2(jax.nn.gelu(self.layers_0(x), approximate=True))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block: x + drop(att(norm1(x))), then x + drop(ff(norm2(x)))."""
+
+    config: GPTConfig
+
+    def setup(self) -> None:
+        cfg = self.config
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.att = MultiHeadAttention(cfg)
+        self.ff = FeedForward(cfg)
+        self.norm1 = LayerNorm(param_dtype=pdt)
+        self.norm2 = LayerNorm(param_dtype=pdt)
+        self.drop_resid = nn.Dropout(cfg.drop_rate)
+
+    def __call__(
+        self,
+        x: jax.Array,  # (batch, seq, emb)
+        positions: jax.Array,
+        kv: dict[str, jax.Array] | None,
+        deterministic: bool,
+    ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        a, kv = self.att(self.norm1(x), positions, kv, deterministic)
+        x = x + self.drop_resid(a, deterministic=deterministic)
+        x = x + self.drop_resid(self.ff(self.norm2(x)), deterministic=deterministic)
+        return x, kv
+
+
+class GPT(nn.Module):
+    """GPT-2 language model returning logits (batch, seq, vocab_size)."""
+
+    config: GPTConfig
+
+    def setup(self) -> None:
+        cfg = self.config
+        pdt = jnp.dtype(cfg.param_dtype)
+        std = 1.0 if cfg.init == "pytorch" else 0.02  # torch.nn.Embedding draws N(0, 1)
+        embed = dict(
+            embedding_init=nn.initializers.normal(std), dtype=jnp.dtype(cfg.dtype), param_dtype=pdt
+        )
+        self.tok_emb = nn.Embed(cfg.vocab_size, cfg.emb_dim, **embed)
+        self.pos_emb = nn.Embed(cfg.context_length, cfg.emb_dim, **embed)
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.trf_blocks = [TransformerBlock(cfg) for _ in range(cfg.n_layers)]
+        self.final_norm = LayerNorm(param_dtype=pdt)
+        if not cfg.tie_embeddings:
+            self.out_head = _dense(cfg, cfg.emb_dim, cfg.vocab_size, use_bias=False)
+
+    def __call__(self, ids: jax.Array, deterministic: bool = True) -> jax.Array:
+        """Full causal forward pass.
+
+        Args:
+          ids: int (batch, seq) token ids, seq <= context_length.
+          deterministic: False enables dropout; then pass `rngs={"dropout": key}` to apply.
+
+        Returns:
+          float logits (batch, seq, vocab_size) in `config.dtype`.
+        """
+        b, s = _check_ids(ids, self.config)
+        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        logits, _ = self._forward(ids, positions, None, deterministic)
+        return logits
+
+    def decode(
+        self, ids: jax.Array, cache: Cache, positions: jax.Array
+    ) -> tuple[jax.Array, Cache]:
+        """Cached forward pass (no dropout): prefill a prompt or decode the next token(s).
+
+        Args:
+          ids: int (batch, seq) token ids.
+          cache: from `init_cache`, per layer {"k", "v"} of shape (batch, cache, heads, head_dim).
+          positions: int (batch, seq) absolute position of each token, < cache length and
+            < context_length. Each token attends to cache slots at positions <= its own.
+
+        Returns:
+          logits (batch, seq, vocab_size) and the cache with these tokens written in.
+        """
+        _check_ids(ids, self.config)
+        if len(cache) != self.config.n_layers:
+            raise ValueError(f"cache has {len(cache)} layers; config has {self.config.n_layers}")
+        return self._forward(ids, positions, cache, True)
+
+    def _forward(
+        self, ids: jax.Array, positions: jax.Array, cache: Cache | None, deterministic: bool
+    ) -> tuple[jax.Array, Cache | None]:
+        x = self.tok_emb(ids) + self.pos_emb(positions)  # (batch, seq, emb)
+        x = self.drop_emb(x, deterministic=deterministic)
+        new_cache = []
+        for i, block in enumerate(self.trf_blocks):
+            x, kv = block(x, positions, None if cache is None else cache[i], deterministic)
+            new_cache.append(kv)
+        x = self.final_norm(x)
+        if self.config.tie_embeddings:
+            prec = _PRECISION[self.config.matmul_precision]
+            emb = self.tok_emb.embedding.astype(x.dtype)  # (vocab, emb)
+            logits = jnp.einsum("bse,ve->bsv", x, emb, precision=prec)
+        else:
+            logits = self.out_head(x)  # (batch, seq, vocab)
+        return logits, (None if cache is None else new_cache)
+
+
+def _check_ids(ids: jax.Array, cfg: GPTConfig) -> tuple[int, int]:
+    if ids.ndim != 2:
+        raise ValueError(f"ids must have shape (batch, seq); got shape {tuple(ids.shape)}")
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"ids must be integer token ids; got dtype {ids.dtype}")
+    b, s = ids.shape
+    if s > cfg.context_length:
+        raise ValueError(
+            f"sequence length {s} exceeds context_length={cfg.context_length}; "
+            f"crop to the last {cfg.context_length} tokens"
+        )
+    return b, s
+
+
+def init_params(config: GPTConfig, key: jax.Array) -> Params:
+    """Fresh parameters for `config` (a plain nested dict), drawn from `key`."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return jax.jit(lambda k: GPT(config).init(k, ids)["params"])(key)
+
+
+def init_cache(config: GPTConfig, batch: int, length: int | None = None, dtype: Any = None) -> Cache:
+    """Zero KV cache: per layer {"k", "v"} of shape (batch, length, heads, head_dim).
+
+    `length` defaults to `context_length`; `dtype` to the config's activation dtype.
+    """
+    length = config.context_length if length is None else length
+    if not 0 < length <= config.context_length:
+        raise ValueError(f"cache length={length} must be in [1, {config.context_length}]")
+    shape = (batch, length, config.n_heads, config.head_dim)
+    dt = jnp.dtype(config.dtype if dtype is None else dtype)
+    return [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(config.n_layers)]
+
+
+def count_params(params: Params) -> int:
+    """Total number of scalars in a params pytree."""
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))

@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny config, root key, paths into ../shared. Configures JAX before it starts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+
+# Two CPU devices make sharding tests real on a 2-core machine; rank promotion is an error so
+# silent broadcasting bugs surface. Both must be set before the first JAX computation.
+jax.config.update("jax_num_cpu_devices", 2)
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+import pytest  # noqa: E402
+
+from jaxgpt.config import GPTConfig, get_preset  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+# ../shared beside the checkout (DESIGN.md); JAXGPT_SHARED overrides for other layouts.
+SHARED = Path(os.environ.get("JAXGPT_SHARED", ROOT.parent / "shared"))
+
+
+def _has_gpu() -> bool:
+    try:
+        return any(d.platform == "gpu" for d in jax.devices())
+    except RuntimeError:
+        return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    try:
+        import torch  # noqa: F401
+
+        has_torch = True
+    except ImportError:
+        has_torch = False
+    gpu = _has_gpu()
+    for item in items:
+        if "gpu" in item.keywords and not gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a GPU"))
+        if "torch" in item.keywords and not has_torch:
+            item.add_marker(pytest.mark.skip(reason="needs torch (pip install -e .[torch])"))
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> GPTConfig:
+    """emb 32, 2 layers, 2 heads, context 16, full GPT-2 vocabulary, no dropout."""
+    return get_preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def small_vocab_config() -> GPTConfig:
+    """The tiny config with a 97-token vocabulary, for fast model-only checks."""
+    return get_preset("tiny").replace(vocab_size=97)
+
+
+@pytest.fixture
+def key() -> jax.Array:
+    return jax.random.key(0)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"shared data folder {SHARED} is missing; set JAXGPT_SHARED")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def verdict_text(shared_dir: Path) -> str:
+    return (shared_dir / "data" / "the-verdict.txt").read_text(encoding="utf-8")
