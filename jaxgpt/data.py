@@ -1,0 +1,303 @@
+"""Corpora -> token arrays (maybe memory-mapped) -> the book's sliding windows -> batches.
+
+Windows follow the book's `GPTDatasetV1` (ch. 2): window `i` starts at
+`range(0, len(ids) - max_length, stride)[i]` and its target is the input shifted by one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxgpt import tokenizer
+
+log = logging.getLogger(__name__)
+
+VERDICT_BASE_URL = (
+    "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code"
+)
+VERDICT_FILE = "the-verdict.txt"
+DEFAULT_CORPUS = "pydoc"
+# The book's ch. 5 messages, raised instead of printed.
+TRAIN_TOO_SHORT = (
+    "Not enough tokens for the training loader. Try to lower the "
+    "`GPT_CONFIG_124M['context_length']` or increase the `training_ratio`"
+)
+VAL_TOO_SHORT = (
+    "Not enough tokens for the validation loader. Try to lower the "
+    "`GPT_CONFIG_124M['context_length']` or decrease the `training_ratio`"
+)
+Batch = tuple[np.ndarray, np.ndarray]  # inputs, targets: int32 (batch, seq)
+
+
+@dataclass(kw_only=True)
+class DataPosition:
+    """Where the data stream stands: the next batch is batch `batch` of epoch `epoch`.
+
+    Mutable on purpose: `batches` advances it as it yields, and the training loop saves
+    it next to the train state, so a resumed run continues with the very same next batch.
+    """
+
+    epoch: int = 0
+    batch: int = 0
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataPosition:
+        return cls(epoch=int(d["epoch"]), batch=int(d["batch"]), seed=int(d["seed"]))
+
+
+# ----------------------------------------------------------------------------- corpora
+
+
+def pydoc_text() -> str:
+    """The Python reference documentation shipped with CPython (~465k characters), offline."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def verdict_text(cache_dir: str | os.PathLike, base_url: str = VERDICT_BASE_URL) -> str:
+    """The book's corpus, downloaded from `base_url` into `cache_dir` on first use."""
+    path = Path(cache_dir) / VERDICT_FILE
+    if not path.is_file():
+        url = f"{base_url.rstrip('/')}/{VERDICT_FILE}"
+        try:
+            with urllib.request.urlopen(url, timeout=30) as resp:
+                data = resp.read()
+        except (urllib.error.URLError, OSError) as e:
+            raise ValueError(
+                f"could not download the-verdict from {url} ({e}); "
+                "pass a local copy with --data PATH"
+            ) from e
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".part")
+        tmp.write_bytes(data)
+        tmp.replace(path)  # atomic: a half download never looks cached
+        log.info("downloaded %s to %s", url, path)
+    return path.read_text(encoding="utf-8")
+
+
+def _text_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise ValueError(f"folder {str(path)!r} holds no .txt files; pass a text file")
+        return files
+    if not path.is_file():
+        raise FileNotFoundError(f"data path {str(path)!r} does not exist")
+    return [path]
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A text file, or the .txt files of a folder joined by `<|endoftext|>` (as the book's
+    Gutenberg pretraining script joins documents)."""
+    files = _text_files(Path(path))
+    return tokenizer.ENDOFTEXT.join(p.read_text(encoding="utf-8") for p in files)
+
+
+def load_text(spec: str, *, cache_dir: str | os.PathLike, base_url: str = VERDICT_BASE_URL) -> str:
+    """Corpus text by name ("pydoc", "the-verdict") or path (text file or folder of them)."""
+    if spec == "pydoc":
+        return pydoc_text()
+    if spec == "the-verdict":
+        return verdict_text(cache_dir, base_url)
+    return read_text(spec)
+
+
+def split_text(text: str, train_ratio: float = 0.9) -> tuple[str, str]:
+    """The book's character split: `split_idx = int(train_ratio * len(text))`."""
+    if not 0.0 < train_ratio < 1.0:
+        raise ValueError(f"train_ratio={train_ratio!r} must be in (0, 1)")
+    split_idx = int(train_ratio * len(text))
+    return text[:split_idx], text[split_idx:]
+
+
+# ----------------------------------------------------------------------------- token files
+
+
+def _safe_cut(buf: str) -> int:
+    """Last index where the text can be cut without changing GPT-2's pre-tokenisation; 0 if none.
+
+    Cutting just before a newline that precedes a non-space character is safe: in the whole
+    text that newline is a pre-token of its own, and the whitespace run before it is one
+    pre-token whether or not the newline follows. So the halves encode to the same ids.
+    """
+    i = len(buf) - 1
+    while (i := buf.rfind("\n", 0, i)) > 0:
+        if i + 1 < len(buf) and not buf[i + 1].isspace():
+            return i
+    return 0
+
+
+def tokenize_to_file(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    dtype: Any = np.uint16,
+    chunk_chars: int = 1 << 22,
+) -> int:
+    """Tokenise a text file (or folder of .txt files) into a flat binary token file, in chunks.
+
+    Memory stays bounded by `chunk_chars`; the ids equal encoding the whole text at once
+    (chunks are cut only where pre-tokenisation cannot change). Read back with
+    `open_tokens(dst, dtype=dtype)`.
+
+    Returns:
+      The number of tokens written.
+    """
+    dt = np.dtype(dtype)
+    if np.iinfo(dt).max < tokenizer.ENDOFTEXT_ID:
+        raise ValueError(f"dtype {dt} cannot hold GPT-2 ids up to {tokenizer.ENDOFTEXT_ID}")
+    dst = Path(dst)
+    tmp = dst.with_name(dst.name + ".part")
+    n = 0
+    with open(tmp, "wb") as out:
+        for k, path in enumerate(_text_files(Path(src))):
+            carry = tokenizer.ENDOFTEXT if k else ""
+            with open(path, encoding="utf-8") as f:
+                while chunk := f.read(chunk_chars):
+                    buf = carry + chunk
+                    cut = _safe_cut(buf)
+                    if not cut and len(buf) > 2 * chunk_chars:
+                        cut = len(buf)  # no safe cut in sight: bound memory, risk one token
+                    ids = tokenizer.encode_array(buf[:cut]) if cut else np.zeros(0, np.int32)
+                    out.write(ids.astype(dt).tobytes())
+                    n += ids.size
+                    carry = buf[cut:]
+            ids = tokenizer.encode_array(carry)
+            out.write(ids.astype(dt).tobytes())
+            n += ids.size
+    tmp.replace(dst)
+    return n
+
+
+def open_tokens(path: str | os.PathLike, *, dtype: Any = np.uint16) -> np.ndarray:
+    """A binary token file as a read-only memory map (n,)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"token file {str(path)!r} does not exist")
+    return np.memmap(path, dtype=np.dtype(dtype), mode="r")
+
+
+# ----------------------------------------------------------------------------- windows
+
+
+def window_starts(n_tokens: int, max_length: int, stride: int) -> np.ndarray:
+    """Start index of each window (n_windows,), exactly the book's `range`."""
+    if max_length <= 0 or stride <= 0:
+        raise ValueError(f"max_length={max_length} and stride={stride} must be positive")
+    return np.arange(0, n_tokens - max_length, stride, dtype=np.int64)
+
+
+def num_batches(n_windows: int, batch_size: int, drop_last: bool) -> int:
+    """Batches per epoch, as torch's DataLoader counts them."""
+    return n_windows // batch_size if drop_last else -(-n_windows // batch_size)
+
+
+def gather_windows(tokens: np.ndarray, starts: np.ndarray, max_length: int) -> Batch:
+    """(inputs, targets) int32 (len(starts), max_length) by index arithmetic (no loop)."""
+    idx = starts[:, None] + np.arange(max_length)[None, :]  # (batch, seq)
+    return tokens[idx].astype(np.int32), tokens[idx + 1].astype(np.int32)
+
+
+def epoch_order(n_windows: int, *, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """Window order of one epoch; shuffled with `default_rng((seed, epoch))`."""
+    if not shuffle:
+        return np.arange(n_windows)
+    return np.random.default_rng((seed, epoch)).permutation(n_windows)
+
+
+def batches(
+    tokens: np.ndarray,
+    batch_size: int,
+    max_length: int,
+    stride: int,
+    *,
+    seed: int = 0,
+    shuffle: bool = True,
+    drop_last: bool = True,
+    position: DataPosition | None = None,
+) -> Iterator[Batch]:
+    """The remaining batches of epoch `position.epoch`, from batch `position.batch` on.
+
+    Advances `position.batch` before each yield (so a checkpoint taken after consuming a
+    batch points at the next one) and moves `position` to the next epoch at the end.
+
+    Args:
+      tokens: int token ids (n,), an array or `np.memmap`.
+      batch_size, max_length, stride: the book's loader settings.
+      seed: shuffle seed; must equal `position.seed` when a position is given.
+      position: where to start; None starts at epoch 0, batch 0.
+
+    Yields:
+      (inputs, targets), both int32 (batch, max_length); the last batch may be smaller
+      when `drop_last` is False.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size} must be positive")
+    position = DataPosition(seed=seed) if position is None else position
+    if position.seed != seed:
+        raise ValueError(f"position.seed={position.seed} differs from seed={seed}")
+    starts = window_starts(len(tokens), max_length, stride)
+    order = epoch_order(len(starts), seed=seed, epoch=position.epoch, shuffle=shuffle)
+    for b in range(position.batch, num_batches(len(starts), batch_size, drop_last)):
+        position.batch = b + 1
+        yield gather_windows(
+            tokens, starts[order[b * batch_size : (b + 1) * batch_size]], max_length
+        )
+    position.epoch, position.batch = position.epoch + 1, 0
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Train and validation token arrays (each (n,), maybe memory-mapped)."""
+
+    train: np.ndarray
+    val: np.ndarray
+
+
+def check_splits(splits: Splits, max_length: int, batch_size: int, stride: int) -> None:
+    """The book's sanity checks, as errors: each split must give at least one batch."""
+    if len(window_starts(len(splits.train), max_length, stride)) < batch_size:
+        raise ValueError(
+            f"{TRAIN_TOO_SHORT} (train split has {len(splits.train)} tokens; one batch of "
+            f"{batch_size} windows of {max_length} with stride {stride} needs more)"
+        )
+    if len(window_starts(len(splits.val), max_length, stride)) == 0:
+        raise ValueError(
+            f"{VAL_TOO_SHORT} (validation split has {len(splits.val)} tokens; "
+            f"one window needs {max_length + 1})"
+        )
+
+
+def load_splits(
+    spec: str,
+    *,
+    cache_dir: str | os.PathLike,
+    train_ratio: float = 0.9,
+    base_url: str = VERDICT_BASE_URL,
+) -> Splits:
+    """Train/validation tokens for a corpus name, text path, or `.bin` token file (uint16).
+
+    Text is split by characters before tokenising (the book); a token file by tokens.
+    """
+    if spec.endswith(".bin"):
+        tokens = open_tokens(spec)
+        cut = int(train_ratio * len(tokens))
+        return Splits(tokens[:cut], tokens[cut:])
+    train_text, val_text = split_text(
+        load_text(spec, cache_dir=cache_dir, base_url=base_url), train_ratio
+    )
+    return Splits(tokenizer.encode_array(train_text), tokenizer.encode_array(val_text))
