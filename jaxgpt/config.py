@@ -111,3 +111,80 @@ def get_preset(name: str) -> GPTConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Training settings. The defaults are the quick CPU demo (`python scripts/train.py`);
+    the book's ch. 5 run is `epochs=10, batch_size=2, lr=4e-4, eval_freq=5, eval_iter=5`
+    with the `book-124m` model and the-verdict (stride = context_length, seed 123).
+    """
+
+    data: str = "pydoc"  # "pydoc", "the-verdict", a text file, a folder of .txt, or a .bin
+    train_ratio: float = 0.9
+    stride: int | None = None  # None: context_length, as the book
+    batch_size: int = 8
+    epochs: int = 2
+    max_steps: int | None = None  # stop early after this many steps in total
+    # AdamW; b1, b2, eps are torch.optim.AdamW's defaults, as the book uses them.
+    lr: float = 1e-3
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_mask: bool = False  # True spares biases, norm scale/shift and embeddings
+    # Schedule: linear warmup from 0, then constant (min_lr None, the book) or cosine to min_lr.
+    warmup_steps: int = 0
+    min_lr: float | None = None
+    grad_clip: float | None = None  # global-norm clipping; the book does not clip
+    eval_freq: int = 25
+    eval_iter: int = 5
+    start_context: str = "Every effort moves you"
+    sample_tokens: int = 50
+    seed: int = 123  # the book's torch.manual_seed(123)
+    out: str = "runs/default"
+    checkpoint_every: int = 100
+    keep: int = 3
+    cache_dir: str = "~/.cache/jaxgpt"  # where downloaded corpora are kept
+    data_url: str | None = None  # base URL of the-verdict; None: the book's repository
+
+    def __post_init__(self) -> None:
+        positive = ("batch_size", "epochs", "eval_freq", "eval_iter", "checkpoint_every", "keep")
+        for name in positive + ("max_steps", "stride"):
+            value = getattr(self, name)
+            if value is None and name not in positive:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if not isinstance(self.sample_tokens, int) or self.sample_tokens < 0:
+            raise ValueError(f"sample_tokens={self.sample_tokens!r} must be an integer >= 0")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps!r} must be an integer >= 0")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr!r} must be positive")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr={self.min_lr!r} must be in [0, lr={self.lr}]")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip={self.grad_clip!r} must be positive (or None: no clip)")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay={self.weight_decay!r} must be >= 0")
+        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1 and self.eps > 0):
+            raise ValueError(f"AdamW b1={self.b1}, b2={self.b2} must be in [0, 1), eps > 0")
+        if not 0.0 < self.train_ratio < 1.0:
+            raise ValueError(f"train_ratio={self.train_ratio!r} must be in (0, 1)")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed={self.seed!r} must be an integer >= 0")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig keys {unknown}; known keys are {sorted(names)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)

@@ -71,7 +71,10 @@ class LayerNorm(nn.Module):
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
         y = (x32 - mean) / jnp.sqrt(var + self.eps)
-        return (y * scale.astype(jnp.float32) + shift.astype(jnp.float32)).astype(x.dtype)
+        bshape = (1,) * (x.ndim - 1) + (emb,)  # explicit broadcast: rank promotion is an error
+        scale = scale.astype(jnp.float32).reshape(bshape)
+        shift = shift.astype(jnp.float32).reshape(bshape)
+        return (y * scale + shift).astype(x.dtype)
 
 
 class MultiHeadAttention(nn.Module):
@@ -199,9 +202,7 @@ class GPT(nn.Module):
         logits, _ = self._forward(ids, positions, None, deterministic)
         return logits
 
-    def decode(
-        self, ids: jax.Array, cache: Cache, positions: jax.Array
-    ) -> tuple[jax.Array, Cache]:
+    def decode(self, ids: jax.Array, cache: Cache, positions: jax.Array) -> tuple[jax.Array, Cache]:
         """Cached forward pass (no dropout): prefill a prompt or decode the next token(s).
 
         Args:
@@ -257,7 +258,9 @@ def init_params(config: GPTConfig, key: jax.Array) -> Params:
     return jax.jit(lambda k: GPT(config).init(k, ids)["params"])(key)
 
 
-def init_cache(config: GPTConfig, batch: int, length: int | None = None, dtype: Any = None) -> Cache:
+def init_cache(
+    config: GPTConfig, batch: int, length: int | None = None, dtype: Any = None
+) -> Cache:
     """Zero KV cache: per layer {"k", "v"} of shape (batch, length, heads, head_dim).
 
     `length` defaults to `context_length`; `dtype` to the config's activation dtype.
