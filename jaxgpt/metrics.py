@@ -1,0 +1,150 @@
+"""Metrics log (JSONL), progress display (tqdm) and the book's loss/perplexity plots (headless)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+PLOTS_DIR = "plots"
+ROW_KEYS = (
+    "step",
+    "epoch",
+    "tokens_seen",
+    "train_loss",
+    "val_loss",
+    "train_ppl",
+    "val_ppl",
+    "lr",
+    "grad_norm",
+    "tokens_per_sec",
+)
+
+
+def make_row(**values: float) -> dict[str, float]:
+    """A metrics row with the keys in `ROW_KEYS`; perplexities are exp of the losses."""
+    row = dict(values)
+    row["train_ppl"] = _exp(row["train_loss"])
+    row["val_ppl"] = _exp(row["val_loss"])
+    missing = set(ROW_KEYS) - set(row)
+    if missing:
+        raise ValueError(f"metrics row lacks {sorted(missing)}")
+    return {k: row[k] for k in ROW_KEYS}
+
+
+def _exp(x: float) -> float:
+    return math.exp(x) if x < 700 else math.inf  # nan stays nan
+
+
+def append_row(path: str | os.PathLike, row: dict[str, Any]) -> None:
+    """Append one JSON object as a line and flush it to disk."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """All rows of a metrics file; [] when it does not exist."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line]
+
+
+def truncate_rows(path: str | os.PathLike, max_step: int) -> None:
+    """Keep only rows with step <= max_step (a resumed run rewrites what comes after)."""
+    rows = read_rows(path)
+    kept = [r for r in rows if r["step"] <= max_step]
+    if len(kept) != len(rows):
+        p = Path(path)
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        tmp.replace(p)
+
+
+class Progress:
+    """A tqdm bar over training steps that shows the last loss and tokens/s (on stderr)."""
+
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True) -> None:
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(
+            total=total, initial=initial, disable=not enabled, unit="step", file=sys.stderr
+        )
+
+    def update(self, n: int = 1) -> None:
+        self._bar.update(n)
+
+    def show(self, loss: float, tokens_per_sec: float) -> None:
+        self._bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_sec:.0f}", refresh=False)
+
+    def write(self, line: str) -> None:
+        """Print a line above the bar without breaking it."""
+        self._bar.write(line, file=sys.stdout)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_losses(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
+    """The book's `plot_losses`: train/val loss vs epochs, tokens seen on a top axis."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [r["epoch"] for r in rows]
+    fig, ax1 = plt.subplots(figsize=(5, 3))
+    ax1.plot(epochs, [r["train_loss"] for r in rows], label="Training loss")
+    ax1.plot(epochs, [r["val_loss"] for r in rows], linestyle="-.", label="Validation loss")
+    ax1.set_xlabel("Epochs")
+    ax1.set_ylabel("Loss")
+    ax1.legend(loc="upper right")
+    ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax2 = ax1.twiny()  # second x-axis: tokens seen, aligned by an invisible plot
+    ax2.plot([r["tokens_seen"] for r in rows], [r["train_loss"] for r in rows], alpha=0)
+    ax2.set_xlabel("Tokens seen")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_perplexity(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
+    """Train/val perplexity vs tokens seen, log scale."""
+    plt = _pyplot()
+    tokens = [r["tokens_seen"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(tokens, [r["train_ppl"] for r in rows], label="Training perplexity")
+    ax.plot(tokens, [r["val_ppl"] for r in rows], linestyle="-.", label="Validation perplexity")
+    ax.set_xlabel("Tokens seen")
+    ax.set_ylabel("Perplexity")
+    ax.set_yscale("log")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_plots(run_dir: str | os.PathLike) -> list[Path]:
+    """Draw `plots/loss.png` and `plots/perplexity.png` from the run's metrics file."""
+    rows = read_rows(Path(run_dir) / METRICS_FILE)
+    if not rows:
+        return []
+    out = Path(run_dir) / PLOTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    plot_losses(rows, out / "loss.png")
+    plot_perplexity(rows, out / "perplexity.png")
+    return [out / "loss.png", out / "perplexity.png"]

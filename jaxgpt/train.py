@@ -1,0 +1,349 @@
+"""Training: TrainState, the jit-compiled train/eval steps, evaluation, and the `fit` loop.
+
+`fit` follows the book's `train_model_simple` (ch. 5.2): evaluate when
+`global_step % eval_freq == 0` (global_step counts from 0 after the first update),
+print a greedy sample after each epoch, track tokens seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from jaxgpt import checkpoint, data, metrics, sampling, tokenizer
+from jaxgpt.config import GPTConfig, TrainConfig
+from jaxgpt.losses import cross_entropy
+from jaxgpt.model import GPT, Params, count_params, init_params
+from jaxgpt.optim import learning_rate, make_optimizer
+
+log = logging.getLogger(__name__)
+Batch = tuple[Any, Any]  # inputs, targets: int32 (batch, seq)
+EventFn = Callable[[str, dict[str, Any]], None]
+# Settings a resumed run may change: they do not alter the state or the batches it sees.
+RESUMABLE_CHANGES = frozenset(
+    {"epochs", "max_steps", "eval_freq", "eval_iter", "checkpoint_every", "keep",
+     "start_context", "sample_tokens", "out", "cache_dir", "data_url"}
+)  # fmt: skip
+
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes during training; one pytree, donated to each step."""
+
+    step: jax.Array  # int32 scalar: optimizer updates done
+    params: Params
+    opt_state: optax.OptState
+    key: jax.Array  # typed PRNG key; dropout uses fold_in(key, step)
+
+
+def init_train_state(
+    config: GPTConfig, tx: optax.GradientTransformation, key: jax.Array
+) -> TrainState:
+    """Fresh params from `key` (split into init and dropout keys) and optimizer state."""
+    init_key, dropout_key = jax.random.split(key)
+    params = init_params(config, init_key)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), key=dropout_key
+    )
+
+
+def _loss(config: GPTConfig, params: Params, batch: Batch, key: jax.Array | None) -> jax.Array:
+    x, y = batch  # (batch, seq) each
+    if key is None:
+        logits = GPT(config).apply({"params": params}, x, deterministic=True)
+    else:
+        logits = GPT(config).apply(
+            {"params": params}, x, deterministic=False, rngs={"dropout": key}
+        )
+    return cross_entropy(logits, y)
+
+
+def make_train_step(
+    config: GPTConfig, tx: optax.GradientTransformation
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """A jitted pure `train_step(state, batch) -> (state, metrics)`; `state` is donated.
+
+    metrics: float32 scalars `loss` (before the update), `grad_norm` (before clipping), `lr`.
+    """
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        dropout_key = jax.random.fold_in(state.key, state.step)
+        loss, grads = jax.value_and_grad(lambda p: _loss(config, p, batch, dropout_key))(
+            state.params
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new, {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": _lr(opt_state)}
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def _lr(opt_state: optax.OptState) -> jax.Array:
+    try:
+        return learning_rate(opt_state)
+    except (AttributeError, IndexError, KeyError, TypeError):  # not a make_optimizer chain
+        return jnp.float32(jnp.nan)
+
+
+def make_eval_step(config: GPTConfig) -> Callable[[Params, Batch], jax.Array]:
+    """A jitted `eval_step(params, batch) -> loss` without dropout (the book's calc_loss_batch)."""
+    return jax.jit(lambda params, batch: _loss(config, params, batch, None))
+
+
+def evaluate(
+    params: Params,
+    batches: Iterable[Batch],
+    eval_iter: int | None,
+    *,
+    eval_step: Callable[[Params, Batch], jax.Array],
+) -> float:
+    """The book's `calc_loss_loader`: mean of the per-batch losses of the first `eval_iter`
+    batches (all when None); nan when there are none. One host sync at the end."""
+    losses = []
+    for i, batch in enumerate(batches):
+        if eval_iter is not None and i >= eval_iter:
+            break
+        losses.append(eval_step(params, batch))
+    return float(jnp.mean(jnp.stack(losses))) if losses else float("nan")
+
+
+@dataclass
+class FitResult:
+    """The final state and the metrics rows logged by this call."""
+
+    state: TrainState
+    rows: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class _Run:
+    """Host-side bookkeeping of one fit call."""
+
+    config: GPTConfig
+    tc: TrainConfig
+    dir: Path
+    splits: data.Splits
+    stride: int
+    steps_per_epoch: int
+    total_steps: int
+    on_event: EventFn
+    position: data.DataPosition
+    tokens_seen: int = 0
+    rows: list[dict[str, float]] = field(default_factory=list)
+
+    def eval_batches(self, tokens: np.ndarray, drop_last: bool) -> Iterable[Batch]:
+        # Evaluation reads the first eval_iter batches in order (the book shuffles its
+        # train loader here too; a fixed subset keeps evals comparable and resumable).
+        return data.batches(
+            tokens,
+            self.tc.batch_size,
+            self.config.context_length,
+            self.stride,
+            shuffle=False,
+            drop_last=drop_last,
+        )
+
+    def evaluate(self, params: Params, eval_step: Callable) -> tuple[float, float]:
+        n = self.tc.eval_iter
+        train = evaluate(params, self.eval_batches(self.splits.train, True), n, eval_step=eval_step)
+        val = evaluate(params, self.eval_batches(self.splits.val, False), n, eval_step=eval_step)
+        return train, val
+
+
+def _log_event(name: str, payload: dict[str, Any]) -> None:
+    log.info("%s %s", name, payload)
+
+
+def _prepare(config: GPTConfig, tc: TrainConfig, resume: bool, on_event: EventFn | None) -> _Run:
+    run_dir = Path(tc.out)
+    _check_run_dir(run_dir, config, tc, resume)
+    splits = data.load_splits(
+        tc.data,
+        cache_dir=Path(tc.cache_dir).expanduser(),
+        train_ratio=tc.train_ratio,
+        base_url=tc.data_url or data.VERDICT_BASE_URL,
+    )
+    stride = tc.stride or config.context_length
+    data.check_splits(splits, config.context_length, tc.batch_size, stride)
+    n_windows = len(data.window_starts(len(splits.train), config.context_length, stride))
+    steps_per_epoch = data.num_batches(n_windows, tc.batch_size, drop_last=True)
+    total = tc.epochs * steps_per_epoch
+    total = min(total, tc.max_steps) if tc.max_steps else total
+    return _Run(
+        config, tc, run_dir, splits, stride, steps_per_epoch, total,
+        on_event or _log_event, data.DataPosition(seed=tc.seed),
+    )  # fmt: skip
+
+
+def _check_run_dir(run_dir: Path, config: GPTConfig, tc: TrainConfig, resume: bool) -> None:
+    """Refuse to mix runs: never overwrite a run's checkpoints, never resume a different run."""
+    has_ckpt = checkpoint.latest_step(run_dir) is not None
+    has_run = has_ckpt or (run_dir / checkpoint.CONFIG_FILE).exists()
+    if not resume and has_run:
+        raise ValueError(
+            f"run folder {str(run_dir)!r} already holds a run; pass --resume to continue it "
+            "or --out NEW_DIR to start another"
+        )
+    if not resume:
+        return
+    if not has_ckpt:
+        raise ValueError(f"no checkpoint to resume in {str(run_dir)!r}; start without --resume")
+    saved_model, saved_tc = checkpoint.load_run_config(run_dir)
+    changed = [k for k, v in tc.to_dict().items() if getattr(saved_tc, k) != v]
+    changed = [k for k in changed if k not in RESUMABLE_CHANGES]
+    if saved_model != config or changed:
+        what = changed or ["model"]
+        raise ValueError(
+            f"--resume of {str(run_dir)!r} with different settings {what}; resume with the "
+            "run's own settings (see its config.json) or start a new run with --out"
+        )
+
+
+def _start_state(run: _Run, tx: optax.GradientTransformation, resume: bool) -> TrainState:
+    state = init_train_state(run.config, tx, jax.random.key(run.tc.seed))
+    if not resume:
+        checkpoint.save_run_config(run.dir, run.config, run.tc)
+        return state
+    with checkpoint.manager(run.dir, keep=run.tc.keep) as mngr:
+        state, meta = checkpoint.restore(mngr, jax.eval_shape(lambda: state))
+    run.position = data.DataPosition.from_dict(meta["position"])
+    run.tokens_seen = int(meta["tokens_seen"])
+    checkpoint.save_run_config(run.dir, run.config, run.tc)  # records extended epochs/steps
+    metrics.truncate_rows(run.dir / metrics.METRICS_FILE, int(state.step))
+    return state
+
+
+def _save(run: _Run, mngr: Any, state: TrainState) -> None:
+    meta = {"position": run.position.to_dict(), "tokens_seen": run.tokens_seen}
+    checkpoint.save(mngr, state, meta)
+    run.on_event("checkpoint", {"step": int(state.step), "dir": str(mngr.directory)})
+
+
+def _save_on_interrupt(run: _Run, mngr: Any, state: TrainState) -> None:
+    # Interrupted between steps, the position already points at the next batch. Interrupted
+    # inside a step, the donated state is gone: keep the last periodic checkpoint instead.
+    if any(x.is_deleted() for x in jax.tree.leaves(state.params)):
+        log.warning("interrupted inside a step; newest checkpoint is the last periodic one")
+        return
+    # Each step consumes one batch, so the step fixes the position even if the interrupt
+    # came after a batch was drawn but before its step ran.
+    step = int(state.step)
+    run.position = data.DataPosition(
+        epoch=step // run.steps_per_epoch, batch=step % run.steps_per_epoch, seed=run.tc.seed
+    )
+    run.tokens_seen = step * run.tc.batch_size * run.config.context_length
+    _save(run, mngr, state)
+
+
+def _sample(run: _Run, params: Params, epoch: int) -> None:
+    ids = tokenizer.encode(run.tc.start_context)
+    out = sampling.generate(params, run.config, [ids], max_new_tokens=run.tc.sample_tokens)
+    text = tokenizer.decode(out[0]).replace("\n", " ")  # the book's compact print
+    run.on_event("sample", {"epoch": epoch + 1, "text": text})
+
+
+def _eval_row(run: _Run, state: TrainState, m: dict, eval_step: Callable, tok_s: float) -> dict:
+    train_loss, val_loss = run.evaluate(state.params, eval_step)
+    step = int(state.step)
+    row = metrics.make_row(
+        step=step,
+        epoch=run.position.epoch + run.position.batch / run.steps_per_epoch,
+        tokens_seen=run.tokens_seen,
+        train_loss=train_loss,
+        val_loss=val_loss,
+        lr=float(m["lr"]),
+        grad_norm=float(m["grad_norm"]),
+        tokens_per_sec=tok_s,
+    )
+    metrics.append_row(run.dir / metrics.METRICS_FILE, row)
+    run.rows.append(row)
+    run.on_event("eval", {**row, "epoch_index": run.position.epoch + 1, "global_step": step - 1})
+    return row
+
+
+def fit(
+    config: GPTConfig,
+    tc: TrainConfig,
+    *,
+    resume: bool = False,
+    on_event: EventFn | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """Train `config` with `tc` into the run folder `tc.out`, as the book's `train_model_simple`.
+
+    Writes `config.json`, `metrics.jsonl` (a row per evaluation), `checkpoints/` (every
+    `checkpoint_every` steps, at the end, and on Ctrl-C) and `plots/`. `on_event(name,
+    payload)` receives "start", "untrained", "eval", "sample", "checkpoint", "done";
+    the default logs them.
+
+    Raises:
+      ValueError: bad data or run folder (the run folder is never deleted or overwritten).
+    """
+    run = _prepare(config, tc, resume, on_event)
+    tx = make_optimizer(tc, run.total_steps)
+    state = _start_state(run, tx, resume)
+    train_step, eval_step = make_train_step(config, tx), make_eval_step(config)
+    run.on_event("start", _start_info(run, state))
+    if int(state.step) == 0:
+        train_loss, val_loss = run.evaluate(state.params, eval_step)
+        run.on_event("untrained", {"train_loss": train_loss, "val_loss": val_loss})
+    bar = metrics.Progress(run.total_steps, int(state.step), enabled=progress)
+    mngr = checkpoint.manager(run.dir, keep=tc.keep)
+    step, tick, tick_tokens = int(state.step), time.perf_counter(), run.tokens_seen
+    try:
+        while step < run.total_steps and run.position.epoch < tc.epochs:
+            epoch = run.position.epoch
+            for batch in data.batches(
+                run.splits.train, tc.batch_size, config.context_length, run.stride,
+                seed=tc.seed, shuffle=True, drop_last=True, position=run.position,
+            ):  # fmt: skip
+                state, m = train_step(state, batch)
+                step += 1
+                run.tokens_seen += batch[0].size
+                bar.update()
+                if (step - 1) % tc.eval_freq == 0:  # the book's global_step % eval_freq == 0
+                    jax.block_until_ready(m)
+                    tok_s = (run.tokens_seen - tick_tokens) / (time.perf_counter() - tick)
+                    _eval_row(run, state, m, eval_step, tok_s)
+                    bar.show(float(m["loss"]), tok_s)
+                    tick, tick_tokens = time.perf_counter(), run.tokens_seen
+                if step % tc.checkpoint_every == 0:
+                    _save(run, mngr, state)
+                if step >= run.total_steps:
+                    break
+            _sample(run, state.params, epoch)
+        _save(run, mngr, state)
+    except KeyboardInterrupt:
+        _save_on_interrupt(run, mngr, state)
+        raise
+    finally:
+        bar.close()
+        mngr.close()
+    plots = metrics.write_plots(run.dir)
+    run.on_event("done", {"step": step, "run_dir": str(run.dir), "plots": [str(p) for p in plots]})
+    return FitResult(state, run.rows)
+
+
+def _start_info(run: _Run, state: TrainState) -> dict[str, Any]:
+    return {
+        "device": str(jax.devices()[0].device_kind),
+        "platform": jax.default_backend(),
+        "train_tokens": len(run.splits.train),
+        "val_tokens": len(run.splits.val),
+        "params": count_params(state.params),
+        "steps_per_epoch": run.steps_per_epoch,
+        "total_steps": run.total_steps,
+        "step": int(state.step),
+        "run_dir": str(run.dir),
+    }
