@@ -1,0 +1,75 @@
+"""Reading and writing flat tensor files safely: safetensors first, torch only with weights_only."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def as_numpy(value: Any) -> np.ndarray:
+    """A torch tensor or array-like -> NumPy (bfloat16 tensors are widened to float32)."""
+    if hasattr(value, "detach"):  # torch.Tensor, without importing torch
+        t = value.detach().cpu()
+        if str(t.dtype) == "torch.bfloat16":
+            t = t.float()
+        return t.numpy()
+    return np.asarray(value)
+
+
+def numpy_dict(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    return {str(k): as_numpy(v) for k, v in state.items()}
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(tensors, metadata) of a .safetensors file, as NumPy; no pickle involved."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="np") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
+def read_torch(path: str | Path) -> Any:
+    """`torch.load(path, weights_only=True)`: tensors and plain containers only, never code."""
+    try:
+        import torch
+    except ImportError as e:
+        raise ValueError(f"reading {path} needs PyTorch: pip install 'jaxgpt[torch]'") from e
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError/RuntimeError on unsafe or bad files
+        raise ValueError(f"{path} is not a plain tensor file torch can load safely: {e}") from e
+
+
+def write_safetensors(
+    path: str | Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+) -> None:
+    from safetensors.numpy import save_file
+
+    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    save_file(arrays, str(path), metadata={"format": "pt", **(metadata or {})})
+
+
+def write_torch(path: str | Path, tensors: Mapping[str, np.ndarray]) -> None:
+    """`torch.save` of a plain {name: tensor} dict (loadable with weights_only=True)."""
+    try:
+        import torch
+    except ImportError as e:
+        raise ValueError(f"writing {path} needs PyTorch; write .safetensors instead") from e
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, str(path))
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def check_writable(path: Path, overwrite: bool) -> None:
+    """Refuse to replace an existing file/folder unless asked (scripts: --force)."""
+    if path.exists() and not overwrite:
+        raise ValueError(f"{path} already exists; choose another output or pass --force")
