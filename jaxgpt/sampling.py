@@ -338,7 +338,7 @@ def _bucket(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(n - 1, 0).bit_length())
 
 
-def _check_args(
+def check_generate_args(
     config: GPTConfig,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
@@ -349,6 +349,7 @@ def _check_args(
     num_beams: int,
     key: jax.Array | None,
 ) -> None:
+    """Raise ValueError naming the offending value for any bad `generate` argument."""
     v = config.vocab_size
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer):
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 0")
@@ -431,7 +432,9 @@ def generate(
     Returns:
       One list per prompt: the prompt's ids followed by its new ids.
     """
-    _check_args(config, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, num_beams, key)
+    check_generate_args(
+        config, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, num_beams, key
+    )
     prompts = [[int(t) for t in p] for p in prompts]
     if max_new_tokens == 0:
         return prompts
