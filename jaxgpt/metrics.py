@@ -38,7 +38,7 @@ def make_row(**values: float) -> dict[str, float]:
 
 
 def _exp(x: float) -> float:
-    return math.exp(x) if x < 700 else math.inf  # nan stays nan
+    return math.inf if x > 700 else math.exp(x)  # nan stays nan; no OverflowError
 
 
 def append_row(path: str | os.PathLike, row: dict[str, Any]) -> None:

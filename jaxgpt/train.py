@@ -341,6 +341,13 @@ def _start_info(run: _Run, state: TrainState) -> dict[str, Any]:
         "platform": jax.default_backend(),
         "train_tokens": len(run.splits.train),
         "val_tokens": len(run.splits.val),
+        # What the book prints: tokens in one pass over each loader (train drops the last
+        # partial batch, validation keeps it).
+        "train_loader_tokens": run.steps_per_epoch * run.tc.batch_size * run.config.context_length,
+        "val_loader_tokens": len(
+            data.window_starts(len(run.splits.val), run.config.context_length, run.stride)
+        )
+        * run.config.context_length,
         "params": count_params(state.params),
         "steps_per_epoch": run.steps_per_epoch,
         "total_steps": run.total_steps,
