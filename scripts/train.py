@@ -1,0 +1,159 @@
+"""Train a GPT on a text corpus, as chapter 5 of the book does: `python scripts/train.py --help`.
+
+With no arguments: a small GPT on the Python reference docs (offline, a few minutes on a
+laptop CPU). The book's run: `--model book-124m --data the-verdict --epochs 10
+--batch-size 2 --lr 4e-4 --eval-freq 5 --eval-iter 5`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from jaxgpt.checkpoint import CONFIG_FILE, load_run_config
+from jaxgpt.config import PRESETS, GPTConfig, TrainConfig, get_preset
+from jaxgpt.train import fit
+
+DEFAULT_MODEL = "small"
+# flag -> GPTConfig field; None keeps the preset's value.
+MODEL_FLAGS = {
+    "context_length": "context length (tokens per window)",
+    "emb_dim": "embedding width",
+    "n_layers": "number of transformer blocks",
+    "n_heads": "attention heads (must divide --emb-dim)",
+    "drop_rate": "dropout rate",
+}
+TRAIN_HELP = {
+    "data": 'corpus: "pydoc" (Python docs, offline), "the-verdict" (the book\'s, downloaded '
+    "once), a text file, a folder of .txt files, or a .bin uint16 token file",
+    "train_ratio": "fraction of the text used for training (the book: 0.9)",
+    "stride": "window step in tokens (default: the context length, as the book)",
+    "batch_size": "windows per batch",
+    "epochs": "passes over the training split",
+    "max_steps": "stop after this many optimizer steps in total",
+    "lr": "peak AdamW learning rate",
+    "b1": "AdamW beta1",
+    "b2": "AdamW beta2",
+    "eps": "AdamW epsilon",
+    "weight_decay": "AdamW decoupled weight decay",
+    "decay_mask": "do not decay biases, norm scale/shift and embeddings",
+    "warmup_steps": "linear warmup steps from lr 0",
+    "min_lr": "cosine-decay the lr to this floor after warmup (default: constant lr)",
+    "grad_clip": "clip gradients to this global norm (default: no clipping, as the book)",
+    "eval_freq": "evaluate every this many steps",
+    "eval_iter": "batches per evaluation, on each split",
+    "start_context": "prompt of the greedy sample printed after each epoch",
+    "sample_tokens": "tokens generated for each sample",
+    "seed": "seed of initialisation, dropout and shuffling",
+    "out": "run folder for config.json, metrics.jsonl, checkpoints/ and plots/",
+    "checkpoint_every": "save a checkpoint every this many steps (and at the end)",
+    "keep": "checkpoints to keep (the newest)",
+    "cache_dir": "where downloaded corpora are cached",
+    "data_url": "base URL to download the-verdict.txt from",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message}\n")  # one line, no usage dump
+        sys.exit(2)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _field_type(f: dataclasses.Field) -> Any:
+    kind = str(f.type).replace(" | None", "")
+    return {"int": int, "float": float, "str": str, "bool": bool}[kind]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help=f"model preset, one of {sorted(PRESETS)} (default: small)")
+    for name, text in MODEL_FLAGS.items():
+        kind = float if name == "drop_rate" else int
+        p.add_argument(_flag(name), type=kind, help=f"{text} (default: the preset's)")
+    for f in dataclasses.fields(TrainConfig):
+        kind = _field_type(f)
+        if kind is bool:
+            p.add_argument(_flag(f.name), action="store_true", help=TRAIN_HELP[f.name])
+        else:
+            text = f"{TRAIN_HELP[f.name]} (default: {f.default})"
+            p.add_argument(_flag(f.name), type=kind, default=f.default, help=text)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its newest checkpoint, with its saved settings "
+        "(flags given here override those that may change, e.g. --epochs)",
+    )
+    return p
+
+
+def configs(
+    args: argparse.Namespace, saved: tuple[GPTConfig, TrainConfig] | None
+) -> tuple[GPTConfig, TrainConfig]:
+    """GPTConfig and TrainConfig from the flags, on top of a resumed run's saved settings."""
+    if args.model:
+        base = get_preset(args.model)
+    else:
+        base = saved[0] if saved else get_preset(DEFAULT_MODEL)
+    model = base.replace(
+        **{k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
+    )
+    train = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    return model, train
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    saved = None
+    if args.resume and (Path(args.out) / CONFIG_FILE).is_file():
+        # The run's own settings become the defaults; explicit flags still win.
+        saved = load_run_config(args.out)
+        parser.set_defaults(**saved[1].to_dict())
+        args = parser.parse_args(argv)
+    model, train = configs(args, saved)
+    fit(model, train, resume=args.resume, on_event=_print_event)
+    return 0
+
+
+def _print_event(name: str, e: dict[str, Any]) -> None:
+    from tqdm.auto import tqdm
+
+    lines = {
+        "start": lambda: [
+            f"Device: {e['device']} ({e['platform']}); model parameters: {e['params']:,}",
+            f"Training tokens: {e['train_loader_tokens']}",
+            f"Validation tokens: {e['val_loader_tokens']}",
+            f"Steps: {e['total_steps']} ({e['steps_per_epoch']} per epoch), from step "
+            f"{e['step']}; run folder: {e['run_dir']}",
+        ],
+        "untrained": lambda: [
+            f"Training loss: {e['train_loss']}",
+            f"Validation loss: {e['val_loss']}",
+        ],
+        "eval": lambda: [
+            f"Ep {e['epoch_index']} (Step {e['global_step']:06d}): "
+            f"Train loss {e['train_loss']:.3f}, Val loss {e['val_loss']:.3f}"
+        ],
+        "sample": lambda: [e["text"]],
+        "checkpoint": lambda: [],
+        "done": lambda: [f"Done after {e['step']} steps; see {e['run_dir']}"],
+    }[name]()
+    for line in lines:
+        tqdm.write(line)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError) as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
