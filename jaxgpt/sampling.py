@@ -348,6 +348,7 @@ def check_generate_args(
     eos_id: int | None,
     num_beams: int,
     key: jax.Array | None,
+    length_penalty: float = 1.0,
 ) -> None:
     """Raise ValueError naming the offending value for any bad `generate` argument."""
     v = config.vocab_size
@@ -365,6 +366,8 @@ def check_generate_args(
         raise ValueError(f"eos_id={eos_id} must be a token id in [0, {v})")
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
         raise ValueError(f"num_beams={num_beams!r} must be an int >= 1")
+    if not math.isfinite(length_penalty):
+        raise ValueError(f"length_penalty={length_penalty} must be a finite number")
     if num_beams > 1 and (temperature > 0 or top_k is not None or top_p is not None):
         raise ValueError(
             f"num_beams={num_beams} is deterministic beam search; drop temperature/top_k/top_p"
@@ -404,8 +407,11 @@ def generate(
 
     All prompts run as one batch (right-padded; each row has its own positions), compiled once
     per shape bucket: batch, prompt length and prompt + new length are padded up to powers of
-    two, so similar calls reuse the compiled program. Prompts are prefilled once, then one token
-    per step is decoded on the KV cache inside `lax.while_loop`.
+    two, so similar calls reuse the compiled program. Prompts are prefilled once (the vocab head
+    is not computed there), then one token per step is decoded on the KV cache inside
+    `lax.while_loop`; the cache holds the bucket of prompt + new tokens, not the whole context,
+    so attention reads at most twice the filled part. Temperature, top-p, eos id, length
+    penalty and max_new_tokens are traced values; top-k and which filters are on are static.
 
     End of text: a row stops once it produces `eos_id`; the eos token is included in its result
     (the book's `generate` stops before appending it, and only for batch 1).
@@ -433,7 +439,16 @@ def generate(
       One list per prompt: the prompt's ids followed by its new ids.
     """
     check_generate_args(
-        config, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, num_beams, key
+        config,
+        prompts,
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        eos_id,
+        num_beams,
+        key,
+        length_penalty,
     )
     prompts = [[int(t) for t in p] for p in prompts]
     if max_new_tokens == 0:

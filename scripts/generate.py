@@ -135,6 +135,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         eos,
         args.num_beams,
         key,
+        args.length_penalty,
     )
     config, params = load_model(args)
     if args.stream and len(ids[0]) + args.max_new_tokens <= config.context_length:

@@ -227,6 +227,7 @@ def test_zero_new_tokens_returns_prompts(params: dict) -> None:
         ({"prompts": [[1, 97]]}, "97"),
         ({"eos_id": 97}, "eos_id=97"),
         ({"num_beams": 0}, "num_beams=0"),
+        ({"num_beams": 2, "length_penalty": float("nan")}, "length_penalty=nan"),
         ({"temperature": 1.0, "key": None}, "key"),
         ({"num_beams": 2, "temperature": 1.0}, "num_beams=2"),
     ],
