@@ -16,7 +16,12 @@ from jaxgpt.interop.common import ConfigLike
 from jaxgpt.interop.download import OPENAI_BASE_URL, OPENAI_SIZES, fetch_openai
 from jaxgpt.interop.hf import export_hf, from_hf_state_dict, is_hf_folder, load_hf, to_hf_state_dict
 from jaxgpt.interop.openai import is_openai_folder, load_openai
-from jaxgpt.interop.optimizer import AdamWMoments, adamw_from_torch, load_book_optimizer
+from jaxgpt.interop.optimizer import (
+    AdamWMoments,
+    adamw_from_torch,
+    book_train_state,
+    load_book_optimizer,
+)
 from jaxgpt.interop.tensors import read_safetensors
 from jaxgpt.model import Params
 
@@ -25,6 +30,7 @@ __all__ = [
     "OPENAI_BASE_URL",
     "AdamWMoments",
     "adamw_from_torch",
+    "book_train_state",
     "detect_format",
     "export_book",
     "export_hf",

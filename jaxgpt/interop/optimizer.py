@@ -8,19 +8,23 @@ a train state so a run started in PyTorch continues in jaxgpt.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgpt.config import GPTConfig
-from jaxgpt.interop.book import book_key, read_book_file
+from jaxgpt.config import GPTConfig, TrainConfig
+from jaxgpt.interop.book import book_key, from_book_state_dict, read_book_file
 from jaxgpt.interop.common import ConfigLike, expected_shapes, unflatten
 from jaxgpt.interop.tensors import as_numpy
 from jaxgpt.model import Params
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -100,12 +104,56 @@ def adamw_from_torch(
     )
 
 
-def load_book_optimizer(path: str | Path, config: ConfigLike = None) -> AdamWMoments:
-    """AdamW moments from the book's {"model_state_dict", "optimizer_state_dict"} file."""
-    from jaxgpt.interop.book import from_book_state_dict
-
+def _read(path: str | Path, config: ConfigLike) -> tuple[GPTConfig, Params, AdamWMoments]:
     sd, opt, _ = read_book_file(path)
     if opt is None:
         raise ValueError(f"{path} holds no optimizer_state_dict; save the book's full checkpoint")
-    cfg, _ = from_book_state_dict(sd, config, source=str(path), has_optimizer=True)
-    return adamw_from_torch(opt, sd, cfg)
+    cfg, params = from_book_state_dict(sd, config, source=str(path), has_optimizer=True)
+    return cfg, params, adamw_from_torch(opt, sd, cfg)
+
+
+def load_book_optimizer(path: str | Path, config: ConfigLike = None) -> AdamWMoments:
+    """AdamW moments from the book's {"model_state_dict", "optimizer_state_dict"} file."""
+    return _read(path, config)[2]
+
+
+def book_train_state(
+    path: str | Path,
+    train_config: TrainConfig,
+    total_steps: int,
+    config: ConfigLike = None,
+    *,
+    key: jax.Array,
+) -> tuple[GPTConfig, Any]:
+    """Continue a PyTorch run of the book in jaxgpt: a `jaxgpt.train.TrainState` from the
+    book's {"model_state_dict", "optimizer_state_dict"} checkpoint.
+
+    Args:
+      path: the book's `torch.save({"model_state_dict": ..., "optimizer_state_dict": ...})`.
+      train_config: optimizer settings for `jaxgpt.optim.make_optimizer`; lr, betas, eps and
+        weight decay should be those of the torch run (a mismatch is logged).
+      total_steps: as for `make_optimizer` (the cosine schedule's length).
+      config: n_heads etc. where the file does not fix them (see `jaxgpt.load`).
+      key: dropout key of the new state.
+
+    Returns:
+      (config, TrainState) with `step` = torch's step count and the AdamW moments in place.
+    """
+    from jaxgpt.optim import make_optimizer, with_adam_state
+    from jaxgpt.train import TrainState
+
+    cfg, params, m = _read(path, config)
+    tc = train_config
+    ours = (tc.lr, (tc.b1, tc.b2), tc.eps, tc.weight_decay)
+    theirs = (m.lr, m.betas, m.eps, m.weight_decay)
+    if ours != theirs:
+        logger.warning(
+            "torch AdamW ran with (lr, betas, eps, wd)=%s; continuing with %s", theirs, ours
+        )
+    opt_state = make_optimizer(tc, total_steps).init(params)
+    opt_state = with_adam_state(opt_state, count=m.count, mu=m.mu, nu=m.nu)
+    # Fresh buffers: the state above shares one `count` array in several places, and the
+    # train step donates its input state (a buffer may be donated only once).
+    opt_state = jax.tree.map(jnp.array, opt_state)
+    step = jnp.asarray(m.count, jnp.int32)
+    return cfg, TrainState(step=step, params=params, opt_state=opt_state, key=key)

@@ -11,12 +11,16 @@ import numpy as np
 
 
 def as_numpy(value: Any) -> np.ndarray:
-    """A torch tensor or array-like -> NumPy (bfloat16 tensors are widened to float32)."""
+    """A torch tensor or array-like -> NumPy (bfloat16 tensors are widened to float32).
+
+    Tensors are copied: `Tensor.numpy()` shares memory, and JAX on CPU may alias NumPy
+    memory too, so in-place torch updates (an optimizer step) would otherwise leak in.
+    """
     if hasattr(value, "detach"):  # torch.Tensor, without importing torch
         t = value.detach().cpu()
         if str(t.dtype) == "torch.bfloat16":
             t = t.float()
-        return t.numpy()
+        return t.numpy().copy()
     return np.asarray(value)
 
 

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxgpt.interop as interop
 from jaxgpt.config import GPTConfig
-from jaxgpt.model import GPT, init_params
+from jaxgpt.model import GPT
 
 torch = pytest.importorskip("torch")
 ch04 = pytest.importorskip("llms_from_scratch.ch04")
@@ -77,9 +77,11 @@ def test_tied_head_is_detected(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("suffix", "tie"), [(".pth", False), (".safetensors", True)])
-def test_export_loads_strictly_into_gptmodel(tmp_path: Path, suffix: str, tie: bool) -> None:
+def test_export_loads_strictly_into_gptmodel(
+    tmp_path: Path, suffix: str, tie: bool, random_params: Callable
+) -> None:
     cfg = GPTConfig(**BOOK, qkv_bias=True, tie_embeddings=tie)
-    params = init_params(cfg, key=jax.random.key(3))
+    params = random_params(cfg, 3)
     out = interop.export_book(cfg, params, tmp_path / f"model{suffix}")
     if suffix == ".pth":
         sd = torch.load(out, weights_only=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 import jaxgpt.interop as interop
-from jaxgpt.model import GPT, init_params
+from jaxgpt.model import GPT
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -79,12 +80,14 @@ def test_in_memory_state_dict_with_and_without_prefix() -> None:
 
 
 @pytest.mark.parametrize(("qkv_bias", "tie"), [(True, True), (False, False)])
-def test_export_loads_with_from_pretrained(tmp_path: Path, qkv_bias: bool, tie: bool) -> None:
+def test_export_loads_with_from_pretrained(
+    tmp_path: Path, qkv_bias: bool, tie: bool, random_params: Callable
+) -> None:
     cfg = interop.GPTConfig(
         vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0,
         qkv_bias=qkv_bias, tie_embeddings=tie,
     )  # fmt: skip
-    params = init_params(cfg, key=__import__("jax").random.key(1))
+    params = random_params(cfg, 1)
     interop.export_hf(cfg, params, tmp_path / "out")
     model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
     assert model.config.tie_word_embeddings == tie
