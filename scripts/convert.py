@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.interop import FORMATS, OPENAI_BASE_URL, export_book, export_hf, load
+from jaxgpt.interop import FORMATS, OPENAI_BASE_URL, export_book, export_hf, fetch_openai, load
+from jaxgpt.interop.download import OPENAI_SIZES
 
 TARGETS = ("jaxgpt", "hf", "book")
 
@@ -104,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     fmt, path = args.src
     try:
+        if fmt == "openai" and path in OPENAI_SIZES and not Path(path).exists():
+            path = str(fetch_openai(path, args.cache_dir, base_url=args.base_url))
         given = {"n_heads": args.n_heads} if args.n_heads else args.model
         config, params = load(
             path,

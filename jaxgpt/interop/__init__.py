@@ -22,7 +22,7 @@ from jaxgpt.interop.optimizer import (
     book_train_state,
     load_book_optimizer,
 )
-from jaxgpt.interop.tensors import read_safetensors
+from jaxgpt.interop.tensors import read_safetensors, safetensors_keys
 from jaxgpt.model import Params
 
 __all__ = [
@@ -50,7 +50,7 @@ FORMATS = ("openai", "hf", "book", "jaxgpt")
 
 
 def detect_format(path: str | Path) -> str:
-    """ "openai", "hf", "book" or "jaxgpt" for a path or a named OpenAI model ("gpt2", ...)."""
+    """Name the format of a path or named OpenAI model: "openai", "hf", "book" or "jaxgpt"."""
     p = Path(path)
     if str(path) in OPENAI_SIZES and not p.exists():
         return "openai"
@@ -63,7 +63,7 @@ def detect_format(path: str | Path) -> str:
     if p.suffix in (".pth", ".pt"):
         return "book"
     if p.suffix == ".safetensors":
-        keys = read_safetensors(p)[0].keys()  # small cost; tells book from HF from jaxgpt
+        keys = safetensors_keys(p)  # header only: tells book from HF from jaxgpt
         if "tok_emb.weight" in keys:
             return "book"
         if any(k.endswith("wte.weight") for k in keys):

@@ -22,6 +22,7 @@ from jaxgpt.interop.common import (
     build_params,
     check_unused,
     expected_shapes,
+    gives_heads,
     preset_heads,
     reconcile,
     tie_head,
@@ -112,9 +113,9 @@ def from_book_state_dict(
       has_optimizer: the file also holds optimizer state (keeps the head untied).
     """
     sd = numpy_dict(state_dict)
-    heads_given = config is not None and (not isinstance(config, Mapping) or "n_heads" in config)
     # Placeholder n_heads=1 when the caller supplies it: no GPT-2 width needed then.
-    inferred = infer_book_config(sd, source, has_optimizer, n_heads=1 if heads_given else None)
+    n_heads = 1 if gives_heads(config) else None
+    inferred = infer_book_config(sd, source, has_optimizer, n_heads=n_heads)
     cfg = reconcile(inferred, config, source)
     flat, tied = _to_flat(sd, cfg, source)
     flat = tie_head(flat, file_tied=tied, config=cfg, source=source)

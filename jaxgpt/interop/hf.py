@@ -21,6 +21,7 @@ from jaxgpt.interop.common import (
     build_params,
     check_unused,
     fuse_qkv,
+    gives_heads,
     preset_heads,
     reconcile,
     split_qkv,
@@ -107,8 +108,8 @@ def config_from_hf(hf: Mapping[str, Any], source: str) -> GPTConfig:
     )
 
 
-def _infer_config(sd: dict[str, np.ndarray], source: str) -> GPTConfig:
-    """Config from shapes alone (in-memory state dicts without an HF config)."""
+def _infer_config(sd: dict[str, np.ndarray], source: str, n_heads: int | None) -> GPTConfig:
+    """Config from shapes alone (state dicts without an HF config)."""
     if "wte.weight" not in sd or "wpe.weight" not in sd:
         raise ValueError(f"{source}: no wte.weight/wpe.weight; not a GPT-2 state dict")
     vocab, emb = sd["wte.weight"].shape
@@ -117,7 +118,7 @@ def _infer_config(sd: dict[str, np.ndarray], source: str) -> GPTConfig:
         vocab_size=vocab,
         context_length=sd["wpe.weight"].shape[0],
         emb_dim=emb,
-        n_heads=preset_heads(emb),
+        n_heads=preset_heads(emb) if n_heads is None else n_heads,
         n_layers=layers,
         drop_rate=0.0,
         qkv_bias=True,
@@ -169,7 +170,10 @@ def from_hf_state_dict(
       (config, params).
     """
     sd = _strip(numpy_dict(state_dict))
-    inferred = config_from_hf(hf_config, source) if hf_config else _infer_config(sd, source)
+    if hf_config:
+        inferred = config_from_hf(hf_config, source)
+    else:  # placeholder n_heads=1 when the caller gives it
+        inferred = _infer_config(sd, source, 1 if gives_heads(config) else None)
     if not inferred.tie_embeddings and "lm_head.weight" not in sd:
         raise ValueError(f"{source}: missing key 'lm_head.weight' (tie_word_embeddings is false)")
     cfg = reconcile(inferred, config, source)

@@ -48,17 +48,15 @@ def _openai_book_params(folder: Path, n_layers: int) -> dict[str, Any]:
 
 
 def reference_model(fmt: str, path: str | Path, config: GPTConfig, params: Params) -> Any:
-    """The PyTorch model matching a source of format `fmt` ("openai", "hf", "book", "jaxgpt")."""
+    """The PyTorch model matching a source of format `fmt` ("openai", "hf", "book", "jaxgpt").
+
+    `path` is a file or folder (for a named OpenAI model, its cache folder).
+    """
     if fmt == "openai":
         from llms_from_scratch.ch05 import load_weights_into_gpt
 
-        from jaxgpt.interop.download import OPENAI_SIZES, model_folder
-
-        folder = Path(path)
-        if str(path) in OPENAI_SIZES and not folder.exists():
-            folder = model_folder(str(path))
         model = book_model(config, None)
-        load_weights_into_gpt(model, _openai_book_params(folder, config.n_layers))
+        load_weights_into_gpt(model, _openai_book_params(Path(path), config.n_layers))
         return model.eval()
     if fmt == "hf" and Path(path).is_dir():
         from transformers import GPT2LMHeadModel

@@ -36,6 +36,14 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str,
         return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
 
 
+def safetensors_keys(path: str | Path) -> list[str]:
+    """Tensor names of a .safetensors file, from its header only."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="np") as f:
+        return list(f.keys())
+
+
 def read_torch(path: str | Path) -> Any:
     """`torch.load(path, weights_only=True)`: tensors and plain containers only, never code."""
     try:

@@ -191,7 +191,8 @@ def read_checkpoint(prefix: str | Path, *, verify: bool = True) -> dict[str, np.
 
     Args:
       prefix: the checkpoint prefix, e.g. `folder/model.ckpt` (files `.index`, `.data-*`).
-      verify: check the CRC-32C of every index block and tensor (about 100 MB/s).
+      verify: check the CRC-32C of every index block and tensor (~300 MB/s; gpt2-xl's
+        6.2 GB take about 20 s, so `verify=False` is offered for repeated loads).
 
     Returns:
       {variable name: array} with the stored dtype and shape.

@@ -125,3 +125,21 @@ def test_offline_error_names_the_folder(tmp_path: Path) -> None:
 def test_unknown_name() -> None:
     with pytest.raises(FileNotFoundError, match="gpt3"):
         interop.load("gpt3")
+
+
+@pytest.mark.torch
+def test_convert_cli_named_model(
+    server: Served, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    pytest.importorskip("torch")
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "convert.py"
+    spec = importlib.util.spec_from_file_location("convert_script_dl", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    _, url = server
+    argv = ["--from", "openai", "gpt2", "--cache-dir", str(tmp_path), "--base-url", url]
+    assert module.main([*argv, "--check"]) == 0
+    assert "OK" in capsys.readouterr().out
+    assert (tmp_path / "124M" / "model.ckpt.index").is_file()

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import jaxgpt.interop as interop
+from jaxgpt.config import GPTConfig
 from jaxgpt.model import GPT
 
 torch = pytest.importorskip("torch")
@@ -83,7 +84,7 @@ def test_in_memory_state_dict_with_and_without_prefix() -> None:
 def test_export_loads_with_from_pretrained(
     tmp_path: Path, qkv_bias: bool, tie: bool, random_params: Callable
 ) -> None:
-    cfg = interop.GPTConfig(
+    cfg = GPTConfig(
         vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0,
         qkv_bias=qkv_bias, tie_embeddings=tie,
     )  # fmt: skip
@@ -94,6 +95,10 @@ def test_export_loads_with_from_pretrained(
     np.testing.assert_allclose(_hf_logits(model), _jax_logits(cfg, params), rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="already exists"):
         interop.export_hf(cfg, params, tmp_path / "out")
+    # The bare weights file is detected as HF too (config from shapes plus n_heads).
+    file_cfg, file_params = interop.load(tmp_path / "out" / "model.safetensors", {"n_heads": 4})
+    assert file_cfg.tie_embeddings == tie
+    np.testing.assert_allclose(_jax_logits(file_cfg, file_params), _hf_logits(model), atol=1e-4)
 
 
 def test_missing_and_extra_keys_are_named() -> None:
