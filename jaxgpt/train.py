@@ -141,6 +141,7 @@ class _Run:
     position: data.DataPosition
     tokens_seen: int = 0
     rows: list[dict[str, float]] = field(default_factory=list)
+    clock: tuple[float, int] = (0.0, 0)  # (time, tokens_seen) when tokens/s was last measured
 
     def eval_batches(self, tokens: np.ndarray, drop_last: bool) -> Iterable[Batch]:
         # Evaluation reads the first eval_iter batches in order (the book shuffles its
@@ -253,6 +254,17 @@ def _sample(run: _Run, params: Params, epoch: int) -> None:
     run.on_event("sample", {"epoch": epoch + 1, "text": text})
 
 
+def _eval_and_show(
+    run: _Run, state: TrainState, m: dict, eval_step: Callable, bar: metrics.Progress
+) -> None:
+    jax.block_until_ready(m)
+    tick, tick_tokens = run.clock
+    tok_s = (run.tokens_seen - tick_tokens) / (time.perf_counter() - tick)
+    _eval_row(run, state, m, eval_step, tok_s)
+    bar.show(float(m["loss"]), tok_s)
+    run.clock = (time.perf_counter(), run.tokens_seen)  # evaluation time is not training time
+
+
 def _eval_row(run: _Run, state: TrainState, m: dict, eval_step: Callable, tok_s: float) -> dict:
     train_loss, val_loss = run.evaluate(state.params, eval_step)
     step = int(state.step)
@@ -282,6 +294,8 @@ def fit(
 ) -> FitResult:
     """Train `config` with `tc` into the run folder `tc.out`, as the book's `train_model_simple`.
 
+    Evaluates after steps 1, 1 + eval_freq, ... (the book's schedule) and after the last step.
+
     Writes `config.json`, `metrics.jsonl` (a row per evaluation), `checkpoints/` (every
     `checkpoint_every` steps, at the end, and on Ctrl-C) and `plots/`. `on_event(name,
     payload)` receives "start", "untrained", "eval", "sample", "checkpoint", "done";
@@ -300,7 +314,8 @@ def fit(
         run.on_event("untrained", {"train_loss": train_loss, "val_loss": val_loss})
     bar = metrics.Progress(run.total_steps, int(state.step), enabled=progress)
     mngr = checkpoint.manager(run.dir, keep=tc.keep)
-    step, tick, tick_tokens = int(state.step), time.perf_counter(), run.tokens_seen
+    step, m = int(state.step), None
+    run.clock = (time.perf_counter(), run.tokens_seen)
     try:
         while step < run.total_steps and run.position.epoch < tc.epochs:
             epoch = run.position.epoch
@@ -313,16 +328,14 @@ def fit(
                 run.tokens_seen += batch[0].size
                 bar.update()
                 if (step - 1) % tc.eval_freq == 0:  # the book's global_step % eval_freq == 0
-                    jax.block_until_ready(m)
-                    tok_s = (run.tokens_seen - tick_tokens) / (time.perf_counter() - tick)
-                    _eval_row(run, state, m, eval_step, tok_s)
-                    bar.show(float(m["loss"]), tok_s)
-                    tick, tick_tokens = time.perf_counter(), run.tokens_seen
+                    _eval_and_show(run, state, m, eval_step, bar)
                 if step % tc.checkpoint_every == 0:
                     _save(run, mngr, state)
                 if step >= run.total_steps:
                     break
             _sample(run, state.params, epoch)
+        if m is not None and (step - 1) % tc.eval_freq:
+            _eval_and_show(run, state, m, eval_step, bar)  # also evaluate the final state
         _save(run, mngr, state)
     except KeyboardInterrupt:
         _save_on_interrupt(run, mngr, state)

@@ -51,14 +51,14 @@ def test_train_step_is_pure_and_reports_metrics(small_vocab_config) -> None:
     tx = make_optimizer(tc, 10)
     step = make_train_step(config, tx)
     batch = _batch(config, jax.random.key(1))
-    s1, m1 = step(init_train_state(config, tx, jax.random.key(0)), batch)
-    s2, m2 = step(init_train_state(config, tx, jax.random.key(0)), batch)
+    state = init_train_state(config, tx, jax.random.key(0))
+    s1, m1 = step(jax.tree.map(jnp.copy, state), batch)  # copies: the step donates its state
+    s2, m2 = step(jax.tree.map(jnp.copy, state), batch)
     assert int(s1.step) == 1 and set(m1) == {"loss", "grad_norm", "lr"}
     assert all(m.shape == () for m in m1.values())
     assert float(m1["loss"]) == float(m2["loss"]) and float(m1["lr"]) == pytest.approx(1e-3)
     jax.tree.map(np.testing.assert_array_equal, s1.params, s2.params)
     # grad_norm is the norm of the raw gradient, before clipping: recompute it directly.
-    state = init_train_state(config, tx, jax.random.key(0))
     key = jax.random.fold_in(state.key, 0)
 
     def loss(p):
@@ -130,7 +130,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, corpus: str, tiny_
     assert checkpoint.latest_step(tmp_path / "b") == 7  # saved on interrupt
     resumed = fit(config, _tc(corpus, tmp_path / "b"), resume=True, progress=False)
     assert _rows(tmp_path / "b") == _rows(tmp_path / "a")
-    assert [r["step"] for r in _rows(tmp_path / "a")] == [1, 4, 7, 10, 13]
+    assert [r["step"] for r in _rows(tmp_path / "a")] == [1, 4, 7, 10, 13, 14]  # 14: the end
     jax.tree.map(np.testing.assert_array_equal, resumed.state.params, whole.state.params)
     jax.tree.map(np.testing.assert_array_equal, resumed.state.opt_state, whole.state.opt_state)
     # Last K kept: periodic 4, 8, 12 and the final 14 -> 12, 14.

@@ -44,7 +44,7 @@ def test_end_to_end_tiny_run_and_resume(tmp_path: Path, corpus: Path) -> None:
     config = json.loads((out / "config.json").read_text())
     assert config["model"]["emb_dim"] == 32 and config["train"]["max_steps"] == 6
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 3, 5] and set(rows[0]) == set(metrics.ROW_KEYS)
+    assert [r["step"] for r in rows] == [1, 3, 5, 6] and set(rows[0]) == set(metrics.ROW_KEYS)
     assert sorted(int(p.name) for p in (out / "checkpoints").iterdir()) == [4, 6]
     assert {p.name for p in (out / "plots").iterdir()} == {"loss.png", "perplexity.png"}
     # --resume takes the run's saved settings; --max-steps extends it.
@@ -52,7 +52,7 @@ def test_end_to_end_tiny_run_and_resume(tmp_path: Path, corpus: Path) -> None:
     assert more.returncode == 0, more.stderr
     assert "from step 6" in more.stdout
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 3, 5, 7]
+    assert [r["step"] for r in rows] == [1, 3, 5, 6, 7, 8]
 
 
 def test_help_exits_zero(tmp_path: Path) -> None:
