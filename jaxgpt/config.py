@@ -124,7 +124,7 @@ class TrainConfig:
     train_ratio: float = 0.9
     stride: int | None = None  # None: context_length, as the book
     batch_size: int = 8
-    epochs: int = 2
+    epochs: int = 1
     max_steps: int | None = None  # stop early after this many steps in total
     # AdamW; b1, b2, eps are torch.optim.AdamW's defaults, as the book uses them.
     lr: float = 1e-3
@@ -139,7 +139,7 @@ class TrainConfig:
     grad_clip: float | None = None  # global-norm clipping; the book does not clip
     eval_freq: int = 25
     eval_iter: int = 5
-    start_context: str = "Every effort moves you"
+    start_context: str | None = None  # None: the corpus's (data.default_prompt)
     sample_tokens: int = 50
     seed: int = 123  # the book's torch.manual_seed(123)
     out: str = "runs/default"

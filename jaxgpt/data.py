@@ -27,6 +27,9 @@ VERDICT_BASE_URL = (
 )
 VERDICT_FILE = "the-verdict.txt"
 DEFAULT_CORPUS = "pydoc"
+BOOK_PROMPT = "Every effort moves you"  # the book's start_context
+# Sample prompts that suit a corpus; the book's prompt for any other.
+DEFAULT_PROMPTS = {"pydoc": 'The "for" statement'}
 # The book's ch. 5 messages, raised instead of printed.
 TRAIN_TOO_SHORT = (
     "Not enough tokens for the training loader. Try to lower the "
@@ -115,6 +118,11 @@ def load_text(spec: str, *, cache_dir: str | os.PathLike, base_url: str = VERDIC
     if spec == "the-verdict":
         return verdict_text(cache_dir, base_url)
     return read_text(spec)
+
+
+def default_prompt(spec: str) -> str:
+    """The sample prompt for a corpus: the book's, or one in the corpus's own style."""
+    return DEFAULT_PROMPTS.get(spec, BOOK_PROMPT)
 
 
 def split_text(text: str, train_ratio: float = 0.9) -> tuple[str, str]:

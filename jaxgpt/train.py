@@ -248,7 +248,8 @@ def _save_on_interrupt(run: _Run, mngr: Any, state: TrainState) -> None:
 
 
 def _sample(run: _Run, params: Params, epoch: int) -> None:
-    ids = tokenizer.encode(run.tc.start_context)
+    prompt = run.tc.start_context
+    ids = tokenizer.encode(data.default_prompt(run.tc.data) if prompt is None else prompt)
     out = sampling.generate(params, run.config, [ids], max_new_tokens=run.tc.sample_tokens)
     text = tokenizer.decode(out[0]).replace("\n", " ")  # the book's compact print
     run.on_event("sample", {"epoch": epoch + 1, "text": text})

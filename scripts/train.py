@@ -46,7 +46,8 @@ TRAIN_HELP = {
     "grad_clip": "clip gradients to this global norm (default: no clipping, as the book)",
     "eval_freq": "evaluate every this many steps",
     "eval_iter": "batches per evaluation, on each split",
-    "start_context": "prompt of the greedy sample printed after each epoch",
+    "start_context": "prompt of the greedy sample printed after each epoch; None: the book's "
+    '"Every effort moves you", or \'The "for" statement\' for pydoc',
     "sample_tokens": "tokens generated for each sample",
     "seed": "seed of initialisation, dropout and shuffling",
     "out": "run folder for config.json, metrics.jsonl, checkpoints/ and plots/",

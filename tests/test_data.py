@@ -182,3 +182,9 @@ def test_verdict_offline_suggests_data_path(tmp_path: Path) -> None:
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002
         pass
+
+
+def test_default_prompt_is_the_books_or_the_corpus_own() -> None:
+    assert data.default_prompt("the-verdict") == "Every effort moves you"
+    assert data.default_prompt("/some/file.txt") == "Every effort moves you"
+    assert data.default_prompt("pydoc") in data.pydoc_text()
