@@ -283,7 +283,6 @@ def _generate_padded(
     if k == 1:
         update = _sample_update
         st = _SampleState(tokens, lens, ~live, jnp.int32(0), key)
-        finished = lambda s: jnp.all(s.done)  # noqa: E731
     else:
         update = _beam_update
         cache = jax.tree_util.tree_map(lambda c: jnp.repeat(c, k, axis=0), cache)
@@ -298,10 +297,9 @@ def _generate_padded(
             done=~live,
             step=jnp.int32(0),
         )
-        finished = lambda s: jnp.all(s.done)  # noqa: E731
 
     def more(st: NamedTuple) -> jax.Array:
-        return (st.step < dyn.n_new) & ~finished(st)
+        return (st.step < dyn.n_new) & ~jnp.all(st.done)  # rows (sampling) or prompts (beams)
 
     def fits_cache(st: NamedTuple) -> jax.Array:
         # Every row feeds position lens - 1, which must be a cache slot (and < context_length).
