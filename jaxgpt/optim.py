@@ -90,10 +90,14 @@ def with_adam_state(
     The schedule's own step counter is set to `count` too, so the lr continues in place.
     """
     inject = opt_state[1]
-    count = jnp.asarray(count, jnp.int32)
-    adam = inject.inner_state[0]._replace(count=count, mu=mu, nu=nu)
-    sched = {k: s._replace(count=count) for k, s in inject.hyperparams_states.items()}
+    # A fresh array per leaf: the train step donates its state, and one buffer can be
+    # donated only once.
+    def fresh() -> jax.Array:
+        return jnp.array(count, jnp.int32)
+
+    adam = inject.inner_state[0]._replace(count=fresh(), mu=mu, nu=nu)
+    sched = {k: s._replace(count=fresh()) for k, s in inject.hyperparams_states.items()}
     inject = inject._replace(
-        count=count, hyperparams_states=sched, inner_state=(adam, *inject.inner_state[1:])
+        count=fresh(), hyperparams_states=sched, inner_state=(adam, *inject.inner_state[1:])
     )
     return (opt_state[0], inject, *opt_state[2:])

@@ -152,8 +152,5 @@ def book_train_state(
         )
     opt_state = make_optimizer(tc, total_steps).init(params)
     opt_state = with_adam_state(opt_state, count=m.count, mu=m.mu, nu=m.nu)
-    # Fresh buffers: the state above shares one `count` array in several places, and the
-    # train step donates its input state (a buffer may be donated only once).
-    opt_state = jax.tree.map(jnp.array, opt_state)
     step = jnp.asarray(m.count, jnp.int32)
     return cfg, TrainState(step=step, params=params, opt_state=opt_state, key=key)
