@@ -4,15 +4,39 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _PRECISIONS = ("default", "high", "highest")
 _INITS = ("pytorch", "gpt2")
 
 
+_C = TypeVar("_C", bound="_DictMixin")
+
+
+class _DictMixin:
+    """`from_dict` / `to_dict` / `replace` for the frozen config dataclasses."""
+
+    @classmethod
+    def from_dict(cls: type[_C], d: dict[str, Any]) -> _C:
+        """Build from a dict of field values (for GPTConfig: the book's `GPT_CONFIG_124M`)."""
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(
+                f"unknown {cls.__name__} keys {unknown}; known keys are {sorted(names)}"
+            )
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def replace(self: _C, **changes: Any) -> _C:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
 @dataclass(frozen=True, kw_only=True)
-class GPTConfig:
+class GPTConfig(_DictMixin):
     """Hyperparameters of a GPT-2 model; hashable, so it is static under jit.
 
     The first seven fields are the book's `GPT_CONFIG_124M` keys. The rest cover what
@@ -58,21 +82,6 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.emb_dim // self.n_heads
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
-        """Build from the book's dict (e.g. `GPT_CONFIG_124M`) or from `to_dict` output."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown GPTConfig keys {unknown}; known keys are {sorted(names)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def replace(self, **changes: Any) -> GPTConfig:
-        return dataclasses.replace(self, **changes)
-
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
@@ -114,7 +123,7 @@ def get_preset(name: str) -> GPTConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig:
+class TrainConfig(_DictMixin):
     """Training settings. The defaults are the quick CPU demo (`python scripts/train.py`);
     the book's ch. 5 run is `epochs=10, batch_size=2, lr=4e-4, eval_freq=5, eval_iter=5`
     with the `book-124m` model and the-verdict (stride = context_length, seed 123).
@@ -174,17 +183,3 @@ class TrainConfig:
             raise ValueError(f"train_ratio={self.train_ratio!r} must be in (0, 1)")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed={self.seed!r} must be an integer >= 0")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig keys {unknown}; known keys are {sorted(names)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def replace(self, **changes: Any) -> TrainConfig:
-        return dataclasses.replace(self, **changes)
