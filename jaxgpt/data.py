@@ -100,7 +100,10 @@ def _text_files(path: Path) -> list[Path]:
             raise ValueError(f"folder {str(path)!r} holds no .txt files; pass a text file")
         return files
     if not path.is_file():
-        raise FileNotFoundError(f"data path {str(path)!r} does not exist")
+        raise FileNotFoundError(
+            f"data path {str(path)!r} does not exist; pass a text file, a folder of .txt "
+            "files, a .bin token file, 'pydoc' or 'the-verdict'"
+        )
     return [path]
 
 

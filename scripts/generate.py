@@ -121,6 +121,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--stream takes one --prompt, no --num-beams and no --json")
     if args.model is not None:
         get_preset(args.model)  # fail on a bad name before anything slow
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"--prompt number {i + 1} is empty; pass some text to continue")
     ids = [encode(p) for p in prompts]
     key = jax.random.key(args.seed) if args.temperature > 0 else None
     # Check the sampling flags before loading weights, with a stand-in vocabulary.
