@@ -11,6 +11,7 @@ import pytest
 from scipy import stats
 
 from jaxgpt.config import GPTConfig, get_preset
+from jaxgpt.interop.book import from_book_state_dict
 from jaxgpt.model import GPT, init_params
 from jaxgpt.sampling import (
     _decode_one,
@@ -59,37 +60,6 @@ def _reference_greedy(params: dict, cfg: GPTConfig, prompt: list[int], n: int) -
 # Parity with the book (llms_from_scratch, PyTorch)
 
 
-def _book_to_params(state: dict, n_layers: int) -> dict:
-    """The book's GPTModel state_dict -> jaxgpt params (Linear weights are (out, in))."""
-    a = {k: v.detach().numpy() for k, v in state.items()}
-    p = {
-        "tok_emb": {"embedding": a["tok_emb.weight"]},
-        "pos_emb": {"embedding": a["pos_emb.weight"]},
-        "final_norm": {"scale": a["final_norm.scale"], "shift": a["final_norm.shift"]},
-        "out_head": {"kernel": a["out_head.weight"].T},
-    }
-    for i in range(n_layers):
-        t = f"trf_blocks.{i}."
-        att = {n: {"kernel": a[f"{t}att.{n}.weight"].T} for n in ("W_query", "W_key", "W_value")}
-        att["out_proj"] = {
-            "kernel": a[f"{t}att.out_proj.weight"].T,
-            "bias": a[f"{t}att.out_proj.bias"],
-        }
-        ff = {
-            f"layers_{j}": {
-                "kernel": a[f"{t}ff.layers.{j}.weight"].T,
-                "bias": a[f"{t}ff.layers.{j}.bias"],
-            }
-            for j in (0, 2)
-        }
-        norms = {
-            f"norm{j}": {"scale": a[f"{t}norm{j}.scale"], "shift": a[f"{t}norm{j}.shift"]}
-            for j in (1, 2)
-        }
-        p[f"trf_blocks_{i}"] = {"att": att, "ff": ff, **norms}
-    return jax.tree_util.tree_map(jnp.asarray, p)
-
-
 @pytest.fixture(scope="module")
 def book_model():
     torch = pytest.importorskip("torch")
@@ -100,7 +70,8 @@ def book_model():
     book_cfg |= {"n_heads": CFG.n_heads, "n_layers": CFG.n_layers, "drop_rate": 0.0}
     book_cfg["qkv_bias"] = False
     model = GPTModel(book_cfg).eval()
-    return model, _book_to_params(model.state_dict(), CFG.n_layers)
+    # The interop mapping is itself checked against PyTorch in tests/parity.
+    return model, from_book_state_dict(model.state_dict(), CFG)[1]
 
 
 @pytest.mark.torch
