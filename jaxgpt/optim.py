@@ -90,6 +90,7 @@ def with_adam_state(
     The schedule's own step counter is set to `count` too, so the lr continues in place.
     """
     inject = opt_state[1]
+
     # A fresh array per leaf: the train step donates its state, and one buffer can be
     # donated only once.
     def fresh() -> jax.Array:
