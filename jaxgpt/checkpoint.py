@@ -16,8 +16,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxgpt.config import GPTConfig, TrainConfig
+from jaxgpt.model import Params, flatten_params, unflatten_params
 
-Params = Any
 CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
 _CONFIG_KEY = "__config__"
@@ -123,13 +123,6 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[GPTCo
     return config, jax.tree.map(jax.numpy.asarray, out["state"]["params"])
 
 
-def _flatten(params: Params) -> dict[str, np.ndarray]:
-    return {
-        jax.tree_util.keystr(path, simple=True, separator="/"): np.asarray(leaf)
-        for path, leaf in jax.tree_util.tree_leaves_with_path(params)
-    }
-
-
 def save_params(path: str | os.PathLike, config: GPTConfig, params: Params) -> None:
     """Export params to one `.npz` ("/"-joined paths, plus the config as JSON); NumPy only."""
     path = Path(path)
@@ -137,7 +130,7 @@ def save_params(path: str | os.PathLike, config: GPTConfig, params: Params) -> N
         raise ValueError(f"params file {str(path)!r} must end in .npz")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
-    arrays = _flatten(params)
+    arrays = {k: np.asarray(v) for k, v in flatten_params(params).items()}
     np.savez(tmp, **arrays, **{_CONFIG_KEY: np.array(json.dumps(config.to_dict()))})
     tmp.replace(path)
 
@@ -148,16 +141,8 @@ def load_params(path: str | os.PathLike) -> tuple[GPTConfig, Params]:
         if _CONFIG_KEY not in f:
             raise ValueError(f"{str(path)!r} is not a jaxgpt params file (no {_CONFIG_KEY})")
         config = GPTConfig.from_dict(json.loads(str(f[_CONFIG_KEY])))
-        params: dict[str, Any] = {}
-        for name in f.files:
-            if name == _CONFIG_KEY:
-                continue
-            *parents, leaf = name.split("/")
-            node = params
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[leaf] = jax.numpy.asarray(f[name])
-    return config, params
+        flat = {name: jax.numpy.asarray(f[name]) for name in f.files if name != _CONFIG_KEY}
+    return config, unflatten_params(flat)
 
 
 def load(path: str | os.PathLike) -> tuple[GPTConfig, Params]:

@@ -8,6 +8,7 @@ in and comes back out (no hidden Flax "cache" collection).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -271,6 +272,29 @@ def init_cache(
     shape = (batch, length, config.n_heads, config.head_dim)
     dt = jnp.dtype(config.dtype if dtype is None else dtype)
     return [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(config.n_layers)]
+
+
+def flatten_params(params: Params) -> dict[str, Any]:
+    """Nested params -> {"trf_blocks_0/att/W_query/kernel": leaf, ...} ("/"-joined paths)."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, Mapping):
+            out.update({f"{key}/{k}": v for k, v in flatten_params(value).items()})
+        else:
+            out[key] = value
+    return out
+
+
+def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """{"a/b/c": leaf} -> nested dict; the inverse of `flatten_params`."""
+    out: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = out
+        *parents, last = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return out
 
 
 def count_params(params: Params) -> int:

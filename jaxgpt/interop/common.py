@@ -11,6 +11,8 @@ import numpy as np
 
 from jaxgpt.config import PRESETS, GPTConfig, get_preset
 from jaxgpt.model import GPT, Params
+from jaxgpt.model import flatten_params as flatten
+from jaxgpt.model import unflatten_params as unflatten
 
 Flat = dict[str, np.ndarray]  # "trf_blocks_0/att/W_query/kernel" -> array
 # A full GPTConfig (checked strictly), a preset name (gives n_heads for that width) or a dict
@@ -25,29 +27,6 @@ def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     tree = jax.eval_shape(lambda k, x: GPT(config).init(k, x)["params"], jax.random.key(0), ids)
     return {path: tuple(leaf.shape) for path, leaf in flatten(tree).items()}
-
-
-def flatten(params: Params) -> dict[str, Any]:
-    """Nested param dict -> {"a/b/c": leaf}."""
-    out: dict[str, Any] = {}
-    for key, value in params.items():
-        if isinstance(value, Mapping):
-            out.update({f"{key}/{k}": v for k, v in flatten(value).items()})
-        else:
-            out[key] = value
-    return out
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """{"a/b/c": leaf} -> nested dict."""
-    out: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = out
-        *parents, last = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return out
 
 
 def to_numpy(params: Params) -> Flat:
