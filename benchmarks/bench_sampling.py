@@ -14,17 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from machine import machine  # benchmarks/machine.py (run as a script: its folder is on sys.path)
 
 from jaxgpt.config import GPTConfig, get_preset
 from jaxgpt.model import count_params, init_params
@@ -32,25 +31,6 @@ from jaxgpt.sampling import generate
 
 PROMPT = [6109, 3626, 6100, 345]  # "Every effort moves you"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "sampling.json"
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {}
-    for pkg in ("jax", "jaxlib", "flax", "torch", "transformers", "llms-from-scratch", "numpy"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    device = str(jax.devices()[0].device_kind)
-    return {"cpu": cpu, "cores": os.cpu_count(), "jax_device": device, "versions": versions}
 
 
 def bandwidth_gb_s(n_bytes: int = 1 << 29, repeats: int = 5) -> dict[str, float]:

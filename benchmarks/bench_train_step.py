@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -24,22 +22,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from machine import machine  # benchmarks/machine.py (run as a script: its folder is on sys.path)
 
 import jaxgpt
 from jaxgpt.config import GPTConfig, TrainConfig, get_preset
 from jaxgpt.model import count_params
 from jaxgpt.optim import make_optimizer
 from jaxgpt.train import init_train_state, make_train_step
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def step_flops(cfg: GPTConfig, batch: int, seq: int) -> float:
@@ -164,10 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         })  # fmt: skip
     result = {
         "benchmark": "train_step",
-        "device": str(jax.devices()[0].device_kind),
-        "cpu": cpu_name(),
-        "cores": os.cpu_count(),
-        "versions": {"jax": jax.__version__, "jaxgpt": jaxgpt.__name__, "torch": torch_info},
+        **machine(),
+        "torch_threads": torch_info and torch_info["threads"],
         "model": args.model,
         "params": count_params(jax.eval_shape(lambda: jaxgpt.init_params(cfg, jax.random.key(0)))),
         "batch_size": args.batch_size,
