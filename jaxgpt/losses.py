@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -28,3 +31,71 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 def perplexity(loss: jax.Array | float) -> jax.Array:
     """exp(mean cross-entropy): the effective number of equally likely next tokens."""
     return jnp.exp(jnp.asarray(loss, jnp.float32))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def head_cross_entropy(
+    hidden: jax.Array,
+    head: jax.Array,
+    targets: jax.Array,
+    tied: bool = False,
+    precision: jax.lax.Precision | None = None,
+) -> jax.Array:
+    """`cross_entropy(hidden @ head, targets)` with the head fused into the loss.
+
+    The (tokens, vocab) logits are materialised once, in float32; the backward pass turns
+    that buffer into softmax - one_hot in place and feeds it to the two gradient matmuls,
+    where autodiff of log_softmax would keep logits, exp and log-probabilities alive.
+
+    Args:
+      hidden: float (tokens, emb), the final LayerNorm output.
+      head: float (emb, vocab), or (vocab, emb) when `tied` (the token embedding).
+      targets: int (tokens,) token ids.
+      tied: static; `head` is the (vocab, emb) embedding.
+      precision: static matmul precision (`jaxgpt.model.precision(config)`).
+
+    Returns:
+      float32 scalar, the mean over tokens.
+    """
+    return _head_ce_fwd(hidden, head, targets, tied, precision)[0]
+
+
+def _head_logits(hidden, head, tied, precision):  # (tokens, vocab) float32
+    dims = (((1,), (1,)), ((), ())) if tied else (((1,), (0,)), ((), ()))
+    return jax.lax.dot_general(
+        hidden, head.astype(hidden.dtype), dims, precision, preferred_element_type=jnp.float32
+    )
+
+
+def _head_ce_fwd(hidden, head, targets, tied, precision):
+    if hidden.ndim != 2 or targets.shape != hidden.shape[:1]:
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)} must be (tokens, emb) and targets "
+            f"{tuple(targets.shape)} (tokens,)"
+        )
+    logits = _head_logits(hidden, head, tied, precision)  # (tokens, vocab)
+    m = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))  # (tokens, 1)
+    lse = jnp.log(jnp.exp(logits - m).sum(axis=-1, keepdims=True)) + m  # (tokens, 1)
+    picked = jnp.take_along_axis(logits, targets[:, None].astype(jnp.int32), axis=-1)
+    loss = (lse - picked).mean()
+    return loss, (hidden, head, targets, logits, lse)
+
+
+def _head_ce_bwd(tied, precision, res, g):
+    hidden, head, targets, logits, lse = res
+    n, vocab = logits.shape
+    hit = jnp.arange(vocab, dtype=jnp.int32)[None, :] == targets[:, None].astype(jnp.int32)
+    # d loss / d logits = (softmax - one_hot) / tokens, formed in place of the logits.
+    d = ((jnp.exp(logits - lse) - hit.astype(jnp.float32)) * (g / n)).astype(hidden.dtype)
+    w = head.astype(hidden.dtype)
+    if tied:  # head (vocab, emb)
+        d_hidden = jax.lax.dot_general(d, w, (((1,), (0,)), ((), ())), precision)
+        d_head = jax.lax.dot_general(d, hidden, (((0,), (0,)), ((), ())), precision)
+    else:  # head (emb, vocab)
+        d_hidden = jax.lax.dot_general(d, w, (((1,), (1,)), ((), ())), precision)
+        d_head = jax.lax.dot_general(hidden, d, (((0,), (0,)), ((), ())), precision)
+    d_targets = np.zeros(targets.shape, jax.dtypes.float0)
+    return d_hidden, d_head.astype(head.dtype), d_targets
+
+
+head_cross_entropy.defvjp(_head_ce_fwd, _head_ce_bwd)

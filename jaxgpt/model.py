@@ -34,6 +34,20 @@ def _uniform(bound: float) -> nn.initializers.Initializer:
     return init
 
 
+class _TokenDense(nn.Dense):
+    """nn.Dense over the flattened tokens: (..., in) -> (tokens, in) @ (in, out) -> (..., out).
+
+    XLA:CPU differentiates a 3-D `bse,ev` contraction several times slower than the same
+    2-D matmul (the kernel gradient contracts two axes at once); a reshape is free.
+    """
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        lead = inputs.shape[:-1]
+        y = super().__call__(inputs.reshape(-1, inputs.shape[-1]))  # (tokens, out)
+        return y.reshape(*lead, y.shape[-1])
+
+
 def _dense(
     cfg: GPTConfig, fan_in: int, features: int, *, use_bias: bool = True, residual: bool = False
 ) -> nn.Dense:
@@ -46,7 +60,7 @@ def _dense(
         # GPT-2 paper, sec. 2.3: residual projections scaled by 1/sqrt(2 * n_layers).
         std = 0.02 / math.sqrt(2 * cfg.n_layers) if residual else 0.02
         kernel_init, bias_init = nn.initializers.normal(std), nn.initializers.zeros
-    return nn.Dense(
+    return _TokenDense(
         features,
         use_bias=use_bias,
         kernel_init=kernel_init,
@@ -200,8 +214,19 @@ class GPT(nn.Module):
         """
         b, s = _check_ids(ids, self.config)
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        logits, _ = self._forward(ids, positions, None, deterministic)
-        return logits
+        x, _ = self._forward(ids, positions, None, deterministic)
+        return self._head(x)
+
+    def hidden(self, ids: jax.Array, deterministic: bool = True) -> jax.Array:
+        """The final-LayerNorm output that feeds the head: (batch, seq, emb) in `config.dtype`.
+
+        Training takes this path so the loss can fuse the head with the cross-entropy
+        (`losses.head_cross_entropy`) instead of materialising the logits several times.
+        """
+        b, s = _check_ids(ids, self.config)
+        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        x, _ = self._forward(ids, positions, None, deterministic)
+        return x
 
     def decode(self, ids: jax.Array, cache: Cache, positions: jax.Array) -> tuple[jax.Array, Cache]:
         """Cached forward pass (no dropout): prefill a prompt or decode the next token(s).
@@ -218,7 +243,8 @@ class GPT(nn.Module):
         _check_ids(ids, self.config)
         if len(cache) != self.config.n_layers:
             raise ValueError(f"cache has {len(cache)} layers; config has {self.config.n_layers}")
-        return self._forward(ids, positions, cache, True)
+        x, cache = self._forward(ids, positions, cache, True)
+        return self._head(x), cache
 
     def _forward(
         self, ids: jax.Array, positions: jax.Array, cache: Cache | None, deterministic: bool
@@ -229,14 +255,17 @@ class GPT(nn.Module):
         for i, block in enumerate(self.trf_blocks):
             x, kv = block(x, positions, None if cache is None else cache[i], deterministic)
             new_cache.append(kv)
-        x = self.final_norm(x)
-        if self.config.tie_embeddings:
-            prec = _PRECISION[self.config.matmul_precision]
-            emb = self.tok_emb.embedding.astype(x.dtype)  # (vocab, emb)
-            logits = jnp.einsum("bse,ve->bsv", x, emb, precision=prec)
-        else:
-            logits = self.out_head(x)  # (batch, seq, vocab)
-        return logits, (None if cache is None else new_cache)
+        return self.final_norm(x), (None if cache is None else new_cache)
+
+    def _head(self, x: jax.Array) -> jax.Array:
+        """(batch, seq, emb) -> logits (batch, seq, vocab), one 2-D matmul over the tokens."""
+        if not self.config.tie_embeddings:
+            return self.out_head(x)
+        b, s, e = x.shape
+        prec = _PRECISION[self.config.matmul_precision]
+        emb = self.tok_emb.embedding.astype(x.dtype)  # (vocab, emb)
+        logits = jax.lax.dot_general(x.reshape(b * s, e), emb, (((1,), (1,)), ((), ())), prec)
+        return logits.reshape(b, s, -1)  # (batch, seq, vocab)
 
 
 def _check_ids(ids: jax.Array, cfg: GPTConfig) -> tuple[int, int]:
@@ -251,6 +280,18 @@ def _check_ids(ids: jax.Array, cfg: GPTConfig) -> tuple[int, int]:
             f"crop to the last {cfg.context_length} tokens"
         )
     return b, s
+
+
+def head_matrix(config: GPTConfig, params: Params) -> jax.Array:
+    """The output projection: `out_head` kernel (emb, vocab), or the tied embedding (vocab, emb)."""
+    if config.tie_embeddings:
+        return params["tok_emb"]["embedding"]
+    return params["out_head"]["kernel"]
+
+
+def precision(config: GPTConfig) -> jax.lax.Precision:
+    """The `jax.lax.Precision` of the config's matmuls."""
+    return _PRECISION[config.matmul_precision]
 
 
 def init_params(config: GPTConfig, key: jax.Array) -> Params:

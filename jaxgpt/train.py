@@ -22,8 +22,8 @@ from flax import struct
 
 from jaxgpt import checkpoint, data, metrics, sampling, tokenizer
 from jaxgpt.config import GPTConfig, TrainConfig
-from jaxgpt.losses import cross_entropy
-from jaxgpt.model import GPT, Params, count_params, init_params
+from jaxgpt.losses import head_cross_entropy
+from jaxgpt.model import GPT, Params, count_params, head_matrix, init_params, precision
 from jaxgpt.optim import learning_rate, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -58,14 +58,24 @@ def init_train_state(
 
 
 def _loss(config: GPTConfig, params: Params, batch: Batch, key: jax.Array | None) -> jax.Array:
+    """Mean cross-entropy of a batch; dropout on when `key` is given (the book's calc_loss_batch).
+
+    The head is fused into the loss (`head_cross_entropy`): same value as
+    `cross_entropy(GPT.apply(...), y)` to float rounding, without the logits' extra copies.
+    """
     x, y = batch  # (batch, seq) each
-    if key is None:
-        logits = GPT(config).apply({"params": params}, x, deterministic=True)
-    else:
-        logits = GPT(config).apply(
-            {"params": params}, x, deterministic=False, rngs={"dropout": key}
-        )
-    return cross_entropy(logits, y)
+    rngs = None if key is None else {"dropout": key}
+    hidden = GPT(config).apply(
+        {"params": params}, x, key is None, rngs=rngs, method=GPT.hidden
+    )  # (batch, seq, emb)
+    b, s, e = hidden.shape
+    return head_cross_entropy(
+        hidden.reshape(b * s, e),
+        head_matrix(config, params),
+        y.reshape(b * s),
+        config.tie_embeddings,
+        precision(config),
+    )
 
 
 def make_train_step(
