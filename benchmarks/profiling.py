@@ -60,4 +60,5 @@ def print_ops(rows: list[dict], title: str) -> None:
     """The top-ops table, one line per op."""
     print(f"# profile: {title} (ms per call; share of summed op time)")
     for r in rows:
-        print(f"  {r['ms_per_call']:9.1f} ms {r['share']:6.1%}  x{r['count_per_call']:<5g} {r['op']}")
+        ms, share, n = r["ms_per_call"], r["share"], r["count_per_call"]
+        print(f"  {ms:9.1f} ms {share:6.1%}  x{n:<5g} {r['op']}")

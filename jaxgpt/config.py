@@ -156,6 +156,9 @@ class TrainConfig(_DictMixin):
     keep: int = 3
     cache_dir: str = "~/.cache/jaxgpt"  # where downloaded corpora are kept
     data_url: str | None = None  # base URL of the-verdict; None: the book's repository
+    # Persistent XLA compilation cache in `cache_dir`/xla (scripts/train.py turns it on before
+    # the first compile), so a second run with the same shapes does not compile again.
+    compile_cache: bool = True
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "epochs", "eval_freq", "eval_iter", "checkpoint_every", "keep")

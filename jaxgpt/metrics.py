@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,15 +77,34 @@ class Progress:
     def __init__(self, total: int, initial: int = 0, enabled: bool = True) -> None:
         from tqdm.auto import tqdm
 
+        # miniters=1: redraw every step (tqdm's dynamic miniters latch onto the slow first,
+        # compiling step and then skip redraws for minutes).
         self._bar = tqdm(
-            total=total, initial=initial, disable=not enabled, unit="step", file=sys.stderr
+            total=total,
+            initial=initial,
+            disable=not enabled,
+            unit="step",
+            file=sys.stderr,
+            miniters=1,
+            dynamic_ncols=True,
         )
+        self._tok_s = ""
 
     def update(self, n: int = 1) -> None:
         self._bar.update(n)
 
-    def show(self, loss: float, tokens_per_sec: float) -> None:
-        self._bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_sec:.0f}", refresh=False)
+    def show(
+        self, loss: float, tokens_per_sec: float | None, compile_s: float | None = None
+    ) -> None:
+        """Show the last loss, tokens/s (kept from before when None) and compile seconds."""
+        post = {"loss": f"{loss:.3f}"}
+        if tokens_per_sec is not None:
+            self._tok_s = f"{tokens_per_sec:.0f}"
+        if self._tok_s:
+            post["tok_s"] = self._tok_s
+        if compile_s is not None:
+            post["compile_s"] = f"{compile_s:.1f}"
+        self._bar.set_postfix(post, refresh=False)
 
     def write(self, line: str) -> None:
         """Print a line above the bar without breaking it."""
@@ -90,6 +112,55 @@ class Progress:
 
     def close(self) -> None:
         self._bar.close()
+
+
+# JAX's own compile-time events: tracing, lowering to MLIR, and the backend (XLA) compile.
+COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
+
+
+class PhaseTimer:
+    """Wall time per phase of a run ("train", "eval", ...), with JAX compilation split out.
+
+    Use as a context manager (it listens to JAX's compile events while open) and wrap each
+    phase in `with timer.phase(name):`; compile time inside a phase counts as "compile".
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def __enter__(self) -> PhaseTimer:
+        import jax
+
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import jax
+
+        jax.monitoring.unregister_event_duration_listener(self._on_event)
+
+    def _on_event(self, event: str, duration: float, **kwargs: Any) -> None:
+        if event in COMPILE_EVENTS:
+            self.seconds["compile"] += duration
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start, compiled = time.perf_counter(), self.seconds["compile"]
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            self.seconds[name] += elapsed - (self.seconds["compile"] - compiled)
+
+    def summary(self) -> dict[str, float]:
+        """{phase: seconds} plus "total", in the order the phases first ran."""
+        out = {k: round(v, 3) for k, v in self.seconds.items() if v > 0 or k == "compile"}
+        out["total"] = round(sum(self.seconds.values()), 3)
+        return out
 
 
 def _pyplot() -> Any:

@@ -8,7 +8,6 @@ print a greedy sample after each epoch, track tokens seen.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ EventFn = Callable[[str, dict[str, Any]], None]
 # Settings a resumed run may change: they do not alter the state or the batches it sees.
 RESUMABLE_CHANGES = frozenset(
     {"epochs", "max_steps", "eval_freq", "eval_iter", "checkpoint_every", "keep",
-     "start_context", "sample_tokens", "out", "cache_dir", "data_url"}
+     "start_context", "sample_tokens", "out", "cache_dir", "data_url", "compile_cache"}
 )  # fmt: skip
 
 
@@ -44,6 +43,20 @@ class TrainState:
     params: Params
     opt_state: optax.OptState
     key: jax.Array  # typed PRNG key; dropout uses fold_in(key, step)
+
+
+def enable_compile_cache(cache_dir: str | Path) -> Path:
+    """Keep compiled XLA programs in `cache_dir`/xla across processes (JAX's persistent cache).
+
+    Call it before the first compilation of the process: JAX decides once whether to use
+    the cache. Every program is cached, however quick its compile.
+    """
+    path = Path(cache_dir).expanduser() / "xla"
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
 
 
 def init_train_state(
@@ -134,6 +147,7 @@ class FitResult:
 
     state: TrainState
     rows: list[dict[str, float]] = field(default_factory=list)
+    times: dict[str, float] = field(default_factory=dict)  # seconds per phase, see PhaseTimer
 
 
 @dataclass
@@ -151,7 +165,7 @@ class _Run:
     position: data.DataPosition
     tokens_seen: int = 0
     rows: list[dict[str, float]] = field(default_factory=list)
-    clock: tuple[float, int] = (0.0, 0)  # (time, tokens_seen) when tokens/s was last measured
+    clock: tuple[float, int] = (0.0, 0)  # (train seconds, tokens_seen) at the last evaluation
 
     def eval_batches(self, tokens: np.ndarray, drop_last: bool) -> Iterable[Batch]:
         # Evaluation reads the first eval_iter batches in order (the book shuffles its
@@ -265,15 +279,25 @@ def _sample(run: _Run, params: Params, epoch: int) -> None:
     run.on_event("sample", {"epoch": epoch + 1, "text": text})
 
 
-def _eval_and_show(
-    run: _Run, state: TrainState, m: dict, eval_step: Callable, bar: metrics.Progress
-) -> None:
-    jax.block_until_ready(m)
+def _show_step(run: _Run, m: dict, timer: metrics.PhaseTimer, bar: metrics.Progress) -> None:
+    """Refresh the bar with a finished step's loss and the training tokens/s since the last
+    evaluation (train time only, compilation excluded). Reading the loss waits for that step."""
+    loss = float(m["loss"])
     tick, tick_tokens = run.clock
-    tok_s = (run.tokens_seen - tick_tokens) / (time.perf_counter() - tick)
-    _eval_row(run, state, m, eval_step, tok_s)
-    bar.show(float(m["loss"]), tok_s)
-    run.clock = (time.perf_counter(), run.tokens_seen)  # evaluation time is not training time
+    tokens, train_s = run.tokens_seen - tick_tokens, timer.seconds["train"] - tick
+    tok_s = tokens / train_s if tokens > 2 * run.tc.batch_size * run.config.context_length else None
+    bar.show(loss, tok_s, timer.seconds["compile"])
+
+
+def _eval_and_show(
+    run: _Run, state: TrainState, m: dict, eval_step: Callable, timer: metrics.PhaseTimer
+) -> None:
+    tick, tick_tokens = run.clock
+    train_s = timer.seconds["train"] - tick
+    tok_s = (run.tokens_seen - tick_tokens) / train_s if train_s > 0 else float("nan")
+    with timer.phase("eval"):
+        _eval_row(run, state, m, eval_step, tok_s)
+    run.clock = (timer.seconds["train"], run.tokens_seen)
 
 
 def _eval_row(run: _Run, state: TrainState, m: dict, eval_step: Callable, tok_s: float) -> dict:
@@ -315,18 +339,45 @@ def fit(
     Raises:
       ValueError: bad data or run folder (the run folder is never deleted or overwritten).
     """
-    run = _prepare(config, tc, resume, on_event)
-    tx = make_optimizer(tc, run.total_steps)
-    state = _start_state(run, tx, resume)
-    train_step, eval_step = make_train_step(config, tx), make_eval_step(config)
-    run.on_event("start", _start_info(run, state))
-    if int(state.step) == 0:
-        train_loss, val_loss = run.evaluate(state.params, eval_step)
-        run.on_event("untrained", {"train_loss": train_loss, "val_loss": val_loss})
+    timer = metrics.PhaseTimer()
+    with timer:
+        with timer.phase("setup"):
+            run = _prepare(config, tc, resume, on_event)
+            tx = make_optimizer(tc, run.total_steps)
+            state = _start_state(run, tx, resume)
+            train_step, eval_step = make_train_step(config, tx), make_eval_step(config)
+        run.on_event("start", _start_info(run, state))
+        if int(state.step) == 0:
+            with timer.phase("eval"):
+                train_loss, val_loss = run.evaluate(state.params, eval_step)
+            run.on_event("untrained", {"train_loss": train_loss, "val_loss": val_loss})
+        state, step = _train_loop(run, state, train_step, eval_step, timer, progress)
+        with timer.phase("plots"):
+            plots = metrics.write_plots(run.dir)
+    times = timer.summary()
+    run.on_event(
+        "done",
+        {"step": step, "run_dir": str(run.dir), "plots": [str(p) for p in plots], "times": times},
+    )
+    return FitResult(state, run.rows, times)
+
+
+def _train_loop(
+    run: _Run,
+    state: TrainState,
+    train_step: Callable,
+    eval_step: Callable,
+    timer: metrics.PhaseTimer,
+    progress: bool,
+) -> tuple[TrainState, int]:
+    """The book's epoch loop. Steps are dispatched asynchronously: the host reads a step's
+    loss only after the next step is queued, so the device never waits for the host, and the
+    next batch is cut while the current step runs."""
+    tc, config = run.tc, run.config
     bar = metrics.Progress(run.total_steps, int(state.step), enabled=progress)
     mngr = checkpoint.manager(run.dir, keep=tc.keep)
-    step, m = int(state.step), None
-    run.clock = (time.perf_counter(), run.tokens_seen)
+    step, m, shown = int(state.step), None, None
+    run.clock = (timer.seconds["train"], run.tokens_seen)
     try:
         while step < run.total_steps and run.position.epoch < tc.epochs:
             epoch = run.position.epoch
@@ -334,29 +385,39 @@ def fit(
                 run.splits.train, tc.batch_size, config.context_length, run.stride,
                 seed=tc.seed, shuffle=True, drop_last=True, position=run.position,
             ):  # fmt: skip
-                state, m = train_step(state, batch)
-                step += 1
-                run.tokens_seen += batch[0].size
-                bar.update()
+                with timer.phase("train"):
+                    state, m = train_step(state, batch)
+                    step += 1
+                    run.tokens_seen += batch[0].size
+                    if shown is not None:
+                        _show_step(run, shown, timer, bar)  # the previous step's loss
+                    bar.update()
+                    shown = m
+                    pause = (step - 1) % tc.eval_freq == 0 or step % tc.checkpoint_every == 0
+                    if pause or step >= run.total_steps:
+                        jax.block_until_ready(m)  # the step's compute counts as training
                 if (step - 1) % tc.eval_freq == 0:  # the book's global_step % eval_freq == 0
-                    _eval_and_show(run, state, m, eval_step, bar)
+                    _eval_and_show(run, state, m, eval_step, timer)
                 if step % tc.checkpoint_every == 0:
-                    _save(run, mngr, state)
+                    with timer.phase("checkpoint"):
+                        _save(run, mngr, state)
                 if step >= run.total_steps:
                     break
-            _sample(run, state.params, epoch)
-        if m is not None and (step - 1) % tc.eval_freq:
-            _eval_and_show(run, state, m, eval_step, bar)  # also evaluate the final state
-        _save(run, mngr, state)
+            with timer.phase("sample"):
+                _sample(run, state.params, epoch)
+        if m is not None:
+            _show_step(run, m, timer, bar)
+            if (step - 1) % tc.eval_freq:
+                _eval_and_show(run, state, m, eval_step, timer)  # also evaluate the final state
+        with timer.phase("checkpoint"):
+            _save(run, mngr, state)
     except KeyboardInterrupt:
         _save_on_interrupt(run, mngr, state)
         raise
     finally:
         bar.close()
         mngr.close()
-    plots = metrics.write_plots(run.dir)
-    run.on_event("done", {"step": step, "run_dir": str(run.dir), "plots": [str(p) for p in plots]})
-    return FitResult(state, run.rows)
+    return state, step
 
 
 def _start_info(run: _Run, state: TrainState) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 from jaxgpt.checkpoint import CONFIG_FILE, load_run_config
 from jaxgpt.config import PRESETS, GPTConfig, TrainConfig, get_preset
-from jaxgpt.train import fit
+from jaxgpt.train import enable_compile_cache, fit
 
 DEFAULT_MODEL = "small"
 # flag -> GPTConfig field; None keeps the preset's value.
@@ -55,6 +55,8 @@ TRAIN_HELP = {
     "keep": "checkpoints to keep (the newest)",
     "cache_dir": "where downloaded corpora are cached",
     "data_url": "base URL to download the-verdict.txt from",
+    "compile_cache": "keep compiled programs in CACHE_DIR/xla so the next run does not compile "
+    "again",
 }
 
 
@@ -81,7 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(_flag(name), type=kind, help=f"{text} (default: the preset's)")
     for f in dataclasses.fields(TrainConfig):
         kind = _field_type(f)
-        if kind is bool:
+        if kind is bool and f.default:
+            p.add_argument(
+                "--no-" + _flag(f.name)[2:],
+                dest=f.name,
+                action="store_false",
+                help=f"do not {TRAIN_HELP[f.name]} (default: on)",
+            )
+        elif kind is bool:
             p.add_argument(_flag(f.name), action="store_true", help=TRAIN_HELP[f.name])
         else:
             text = f"{TRAIN_HELP[f.name]} (default: {f.default})"
@@ -120,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.set_defaults(**saved[1].to_dict())
         args = parser.parse_args(argv)
     model, train = configs(args, saved)
+    if train.compile_cache:
+        enable_compile_cache(train.cache_dir)
     fit(model, train, resume=args.resume, on_event=_print_event)
     return 0
 
@@ -145,7 +156,10 @@ def _print_event(name: str, e: dict[str, Any]) -> None:
         ],
         "sample": lambda: [e["text"]],
         "checkpoint": lambda: [],
-        "done": lambda: [f"Done after {e['step']} steps; see {e['run_dir']}"],
+        "done": lambda: [
+            f"Done after {e['step']} steps; see {e['run_dir']}",
+            "Wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in e["times"].items()),
+        ],
     }[name]()
     for line in lines:
         tqdm.write(line)

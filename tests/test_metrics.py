@@ -46,3 +46,25 @@ def test_plots_are_png_files(tmp_path: Path) -> None:
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert metrics.write_plots(tmp_path / "empty") == []
+
+
+def test_phase_timer_splits_compile_time_out_of_phases() -> None:
+    import jax
+    import jax.numpy as jnp
+
+    timer = metrics.PhaseTimer()
+    with timer:
+        with timer.phase("work"):
+            # A fresh function: tracing and compiling it raise JAX's compile events.
+            jax.jit(lambda x: jnp.sin(x) * 3.0 + 1.0)(jnp.arange(7.0)).block_until_ready()
+        with timer.phase("idle"):
+            pass
+    times = timer.summary()
+    assert times["compile"] > 0 and times["work"] >= 0
+    assert times["total"] == pytest.approx(
+        sum(v for k, v in times.items() if k != "total"), abs=1e-2
+    )
+    # Outside the context the timer no longer listens.
+    before = timer.seconds["compile"]
+    jax.jit(lambda x: jnp.cos(x) - 2.0)(jnp.arange(5.0)).block_until_ready()
+    assert timer.seconds["compile"] == before

@@ -37,8 +37,11 @@ def _tiny(corpus: Path, out: Path, *extra: str) -> list[str]:
 
 def test_end_to_end_tiny_run_and_resume(tmp_path: Path, corpus: Path) -> None:
     out = tmp_path / "run"
-    done = _run(*_tiny(corpus, out), cwd=tmp_path)
+    done = _run(*_tiny(corpus, out, "--cache-dir", str(tmp_path / "cache")), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
+    # The persistent compilation cache is on by default; the run ends with its time breakdown.
+    assert any((tmp_path / "cache" / "xla").iterdir())
+    assert "Wall time: compile" in done.stdout and ", train " in done.stdout
     assert "Training loss:" in done.stdout and "Ep 1 (Step 000000)" in done.stdout
     assert "Every effort moves you" in done.stdout  # the sample
     config = json.loads((out / "config.json").read_text())
@@ -48,8 +51,13 @@ def test_end_to_end_tiny_run_and_resume(tmp_path: Path, corpus: Path) -> None:
     assert sorted(int(p.name) for p in (out / "checkpoints").iterdir()) == [4, 6]
     assert {p.name for p in (out / "plots").iterdir()} == {"loss.png", "perplexity.png"}
     # --resume takes the run's saved settings; --max-steps extends it.
-    more = _run("--resume", "--out", str(out), "--max-steps", "8", cwd=tmp_path)
+    more = _run(
+        "--resume", "--out", str(out), "--max-steps", "8", "--no-compile-cache",
+        "--cache-dir", str(tmp_path / "cache2"), cwd=tmp_path,
+    )  # fmt: skip
     assert more.returncode == 0, more.stderr
+    assert not (tmp_path / "cache2").exists()
+    assert json.loads((out / "config.json").read_text())["train"]["compile_cache"] is False
     assert "from step 6" in more.stdout
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 3, 5, 6, 7, 8]
