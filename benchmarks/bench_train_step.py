@@ -1,22 +1,29 @@
-"""Train-step throughput: jaxgpt's jit step vs the book's PyTorch step, same machine, same run.
+"""Train-step throughput: jaxgpt's jit step (the one `fit` uses) vs the book's PyTorch step.
 
-Both sides run one AdamW update (lr 4e-4, weight decay 0.1, the book's settings) on the same
-batch shape, with dropout as the config says. Repeats alternate between the two frameworks so
-machine noise hits both alike. Besides tokens/s, the step's model FLOPs are set against a
-float32 matmul measured in the same run (an achievable peak for this machine), a CPU stand-in
-for MFU.
+Per configuration, in one process: jaxgpt's donated, jit-compiled `train_step`; the book's
+PyTorch step (`zero_grad / cross_entropy / backward / AdamW.step`, `llms_from_scratch`'s
+`GPTModel`); the same with `AdamW(fused=True)`; and optionally with `torch.compile`. Each side
+is compiled / warmed up first, then the timed repeats alternate between the sides so machine
+noise hits all alike. Reported: median step time and spread, tokens/s, first-call and compile
+time, XLA's planned peak memory for the jaxgpt step, and MFU in both conventions
+(nanoGPT/PaLM: 6N + 12 L d T FLOPs per token; causal, llm.c/MaxText: 6N + 6 L d T; N = the
+parameters that take part in matmuls) against a peak: on CPU the float32 matmul throughput
+measured in the same run, on GPU the datasheet figure.
 
-    python benchmarks/bench_train_step.py                   # book-124m, batch 2 x 256 (the book)
-    python benchmarks/bench_train_step.py --model small --batch-size 8 --quick
+    python benchmarks/bench_train_step.py                          # small 8x128 and book-124m 2x256
+    python benchmarks/bench_train_step.py --config gpt2:1 --torch-compile
+    python benchmarks/bench_train_step.py --config small:8 --profile   # where the time goes
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -24,160 +31,245 @@ import jax.numpy as jnp
 import numpy as np
 from machine import machine  # benchmarks/machine.py (run as a script: its folder is on sys.path)
 
-import jaxgpt
 from jaxgpt.config import GPTConfig, TrainConfig, get_preset
-from jaxgpt.model import count_params
 from jaxgpt.optim import make_optimizer
 from jaxgpt.train import init_train_state, make_train_step
 
-
-def step_flops(cfg: GPTConfig, batch: int, seq: int) -> float:
-    """Forward + backward FLOPs of one step: 6 N per token for the matmuls (N = non-embedding
-    params + the output head), plus attention's 12 L s e per token (PaLM, appendix B)."""
-    n_matmul = 12 * cfg.n_layers * cfg.emb_dim**2 + cfg.emb_dim * cfg.vocab_size
-    per_token = 6 * n_matmul + 12 * cfg.n_layers * seq * cfg.emb_dim
-    return float(per_token * batch * seq)
+DEFAULT_CONFIGS = ("small:8", "book-124m:2")
+# Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, without sparsity).
+DATASHEET_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "L4": 121.0, "A10": 125.0}
 
 
-def matmul_peak(n: int = 2048, reps: int = 5) -> float:
-    """float32 FLOP/s of an n x n matmul under XLA on this machine (best of reps)."""
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(reps))
-    return 2 * n**3 / best
+def matmul_params(cfg: GPTConfig) -> int:
+    """N: weights that take part in matmuls: 12 L d^2 in the blocks plus the d x vocab head."""
+    return 12 * cfg.n_layers * cfg.emb_dim**2 + cfg.emb_dim * cfg.vocab_size
 
 
-def _timed(fn) -> float:
+def step_flops(cfg: GPTConfig, batch: int, seq: int, causal: bool = False) -> float:
+    """Forward + backward FLOPs of one step: 6 N per token plus attention, 12 L d T per token
+    (PaLM appendix B, nanoGPT) or half that when only the causal half is counted (llm.c)."""
+    attention = (6 if causal else 12) * cfg.n_layers * cfg.emb_dim * seq
+    return float((6 * matmul_params(cfg) + attention) * batch * seq)
+
+
+def _timed(fn: Callable[[], None]) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
 
 
-def make_jax(cfg: GPTConfig, batch: int, seq: int):
-    tc = TrainConfig(lr=4e-4, weight_decay=0.1)
-    tx = make_optimizer(tc, total_steps=1000)
+def cpu_matmul_peak(n: int = 2048, reps: int = 10) -> dict[str, float]:
+    """float32 FLOP/s of an n x n matmul on this machine: XLA's and PyTorch's (best of reps)."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    out = {"jax": 2 * n**3 / min(_timed(lambda: f(a).block_until_ready()) for _ in range(reps))}
+    try:
+        import torch
+
+        t = torch.ones(n, n)
+        t @ t
+        out["torch"] = 2 * n**3 / min(_timed(lambda: t @ t) for _ in range(reps))
+    except ImportError:
+        pass
+    return out
+
+
+def make_jax(cfg: GPTConfig, batch: int, seq: int) -> tuple[Callable[[], None], dict]:
+    """jaxgpt's fit step on random tokens; returns the runner and compile facts."""
+    tx = make_optimizer(TrainConfig(lr=4e-4, weight_decay=0.1), total_steps=1000)
     step = make_train_step(cfg, tx)
     state = init_train_state(cfg, tx, jax.random.key(0))
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, seq)), jnp.int32)
     y = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, seq)), jnp.int32)
+    t = time.perf_counter()
+    compiled = step.lower(state, (x, y)).compile()
+    info = {"compile_s": time.perf_counter() - t}
+    mem = compiled.memory_analysis()
+    if mem is not None:  # XLA's buffer plan: arguments + outputs + temporaries, less aliasing
+        info["planned_peak_bytes"] = int(
+            mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+            - mem.alias_size_in_bytes
+        )  # fmt: skip
     holder = {"state": state}
 
     def run() -> None:
-        holder["state"], m = step(holder["state"], (x, y))
+        holder["state"], m = compiled(holder["state"], (x, y))
         m["loss"].block_until_ready()
 
-    return run
+    return run, info
 
 
-def make_torch(cfg: GPTConfig, batch: int, seq: int):
+def make_torch(cfg: GPTConfig, batch: int, seq: int, *, fused: bool, compile_model: bool):
+    """The book's PyTorch step (ch. 5 `train_model_simple` body) on random tokens."""
     import torch
     from llms_from_scratch.ch04 import GPTModel
 
     torch.manual_seed(123)
-    model = GPTModel({k: getattr(cfg, k) for k in (
-        "vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias"
-    )})  # fmt: skip
+    keys = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate")
+    model = GPTModel({**{k: getattr(cfg, k) for k in keys}, "qkv_bias": cfg.qkv_bias})
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1, fused=fused or None)
+    forward = torch.compile(model) if compile_model else model
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
     y = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
 
-    def run() -> None:  # the book's calc_loss_batch + train_model_simple body
+    def run() -> None:
         opt.zero_grad()
-        logits = model(x)
+        logits = forward(x)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
         loss.backward()
         opt.step()
 
-    return run, torch.__version__, torch.get_num_threads()
+    return run
+
+
+def bench_config(
+    cfg: GPTConfig, name: str, batch: int, seq: int, args: argparse.Namespace, peak: float
+) -> dict:
+    """Time every side for one configuration; return the JSON record."""
+    sides: dict[str, dict] = {}
+    runners: dict[str, Callable[[], None]] = {}
+    t = time.perf_counter()
+    runners["jaxgpt"], info = make_jax(cfg, batch, seq)
+    runners["jaxgpt"]()
+    sides["jaxgpt"] = {"first_call_s": time.perf_counter() - t, **info}
+    if not args.no_torch:
+        variants = {"torch-book": (False, False), "torch-fused-adamw": (True, False)}
+        if args.torch_compile:
+            variants["torch-compile"] = (True, True)
+        for side, (fused, comp) in variants.items():
+            t = time.perf_counter()
+            try:
+                runners[side] = make_torch(cfg, batch, seq, fused=fused, compile_model=comp)
+                runners[side]()
+            except Exception as e:  # torch.compile needs a working C++ toolchain
+                print(f"# {side} skipped: {type(e).__name__}: {e}".splitlines()[0])
+                runners.pop(side, None)
+                continue
+            sides[side] = {"first_call_s": time.perf_counter() - t}
+    for _ in range(args.warmup):
+        for run in runners.values():
+            run()
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(args.repeats):  # alternate, so drift hits every side
+        for side, run in runners.items():
+            times[side].append(_timed(run))
+    flops = {c: step_flops(cfg, batch, seq, c == "causal") for c in ("nanogpt", "causal")}
+    rows = []
+    for side, ts in times.items():
+        med = statistics.median(ts)
+        rows.append({
+            "framework": side,
+            "step_s_median": med,
+            "step_s_min": min(ts),
+            "step_s_max": max(ts),
+            "tokens_per_s": batch * seq / med,
+            "mfu_nanogpt": flops["nanogpt"] / med / peak,
+            "mfu_causal": flops["causal"] / med / peak,
+            **sides[side],
+        })  # fmt: skip
+    t = {r["framework"]: r["step_s_median"] for r in rows}
+    record = {
+        "config": name, "batch_size": batch, "seq": seq,
+        "matmul_params": matmul_params(cfg), "step_flops_nanogpt": flops["nanogpt"],
+        "step_flops_causal": flops["causal"], "results": rows,
+        "speedup_vs": {k: v / t["jaxgpt"] for k, v in t.items() if k != "jaxgpt"},
+    }  # fmt: skip
+    if args.profile:
+        from profiling import print_ops, top_ops
+
+        trace, ops = top_ops(runners["jaxgpt"], calls=2)
+        print_ops(ops, f"jaxgpt step, {name} {batch}x{seq}; trace in {trace}")
+        record["profile"] = {"trace_dir": trace, "top_ops": ops}
+    return record
+
+
+def _print_record(rec: dict) -> None:
+    print(f"## {rec['config']}, batch {rec['batch_size']} x {rec['seq']}")
+    head = ("side", "step ms", "spread ms", "tokens/s", "MFU nanoGPT", "MFU causal", "first s")
+    print("{:<18}{:>10}{:>14}{:>10}{:>13}{:>12}{:>9}".format(*head))
+    for r in rec["results"]:
+        spread = f"{r['step_s_min'] * 1e3:.0f}-{r['step_s_max'] * 1e3:.0f}"
+        print(f"{r['framework']:<18}{r['step_s_median'] * 1e3:>10.0f}{spread:>14}"
+              f"{r['tokens_per_s']:>10.0f}{r['mfu_nanogpt']:>13.1%}{r['mfu_causal']:>12.1%}"
+              f"{r['first_call_s']:>9.1f}")  # fmt: skip
+    jx = next(r for r in rec["results"] if r["framework"] == "jaxgpt")
+    extra = f"jaxgpt compile {jx['compile_s']:.1f} s"
+    if "planned_peak_bytes" in jx:
+        extra += f", XLA planned peak {jx['planned_peak_bytes'] / 2**20:.0f} MiB"
+    ratios = ", ".join(f"{v:.2f}x {k}" for k, v in rec["speedup_vs"].items())
+    print(f"{extra}; jaxgpt speed = {ratios}")
+
+
+def _parse_configs(specs: list[str]) -> list[tuple[str, GPTConfig, int, int]]:
+    out = []
+    for spec in specs:
+        name, _, rest = spec.partition(":")
+        batch, _, seq = rest.partition("x")
+        cfg = get_preset(name)
+        b, s = int(batch or 1), int(seq or cfg.context_length)
+        if not (0 < s <= cfg.context_length and b > 0):
+            ctx = cfg.context_length
+            raise ValueError(f"--config {spec!r}: need batch > 0 and seq in [1, {ctx}]")
+        out.append((name, cfg, b, s))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="book-124m", help="preset name (default: book-124m)")
-    ap.add_argument("--batch-size", type=int, default=2)
-    ap.add_argument("--seq", type=int, default=None, help="default: the preset's context")
-    ap.add_argument("--repeats", type=int, default=5, help="timed steps per framework")
-    ap.add_argument("--quick", action="store_true", help="2 repeats, for a smoke run")
+    ap.add_argument("--config", action="append", metavar="PRESET:BATCH[xSEQ]",
+                    help=f"repeatable (default: {' '.join(DEFAULT_CONFIGS)})")  # fmt: skip
+    ap.add_argument("--repeats", type=int, default=7, help="timed steps per side")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per side after the first")
     ap.add_argument("--no-torch", action="store_true", help="time jaxgpt only")
+    ap.add_argument("--torch-compile", action="store_true", help="add torch.compile (slow start)")
+    ap.add_argument("--profile", action="store_true", help="trace jaxgpt's step; print top ops")
     ap.add_argument("--out", default="benchmarks/results/train_step.json")
     args = ap.parse_args(argv)
     try:
-        cfg = get_preset(args.model)
+        configs = _parse_configs(args.config or list(DEFAULT_CONFIGS))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    seq = args.seq or cfg.context_length
-    if not 0 < seq <= cfg.context_length or args.batch_size <= 0:
-        print(
-            f"error: --seq {seq} must be in [1, {cfg.context_length}], batch > 0", file=sys.stderr
-        )
-        return 2
-    repeats = 2 if args.quick else args.repeats
-    peak = matmul_peak()
-
-    sides: dict[str, dict] = {}
-    t0 = time.perf_counter()
-    jax_run = make_jax(cfg, args.batch_size, seq)
-    jax_run()  # compile + first step
-    sides["jaxgpt"] = {"first_call_s": time.perf_counter() - t0, "times": []}
-    runners = {"jaxgpt": jax_run}
-    torch_info = None
-    if not args.no_torch:
-        torch_run, tver, tthreads = make_torch(cfg, args.batch_size, seq)
-        t0 = time.perf_counter()
-        torch_run()
-        sides["torch-book"] = {"first_call_s": time.perf_counter() - t0, "times": []}
-        runners["torch-book"] = torch_run
-        torch_info = {"version": tver, "threads": tthreads}
-    for _ in range(repeats):  # alternate, so drift hits both
-        for name, run in runners.items():
-            sides[name]["times"].append(_timed(run))
-
-    flops = step_flops(cfg, args.batch_size, seq)
-    tokens = args.batch_size * seq
-    rows = []
-    for name, s in sides.items():
-        med = statistics.median(s["times"])
-        rows.append({
-            "framework": name,
-            "step_s_median": med,
-            "step_s_min": min(s["times"]),
-            "tokens_per_s": tokens / med,
-            "model_flops_per_s": flops / med,
-            "fraction_of_matmul_peak": flops / med / peak,
-            "first_call_s": s["first_call_s"],
-        })  # fmt: skip
+    mach = machine()
+    gpu = jax.default_backend() == "gpu"
+    if gpu:
+        kind = mach["jax_device"]
+        tflops = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in kind), None)
+        if tflops is None:
+            print(f"error: no datasheet peak for {kind!r}; add it to DATASHEET_BF16_TFLOPS")
+            return 2
+        peak, peak_info = tflops * 1e12, {"source": "datasheet bf16", "flops": tflops * 1e12}
+    else:
+        measured = cpu_matmul_peak()
+        peak = measured["jax"]
+        peak_info = {"source": "measured fp32 2048^2 matmul, XLA", "flops": peak,
+                     "torch_flops": measured.get("torch")}  # fmt: skip
+    print(f"# {mach['cpu']} ({', '.join(mach['vector_extensions']) or 'no AVX'}), "
+          f"{mach['cores']} cores; jax {mach['versions']['jax']}, torch {mach['versions']['torch']}"
+          f"; peak {peak / 1e9:.0f} GFLOP/s ({peak_info['source']})")  # fmt: skip
+    records = []
+    for name, cfg, b, s in configs:
+        rec = bench_config(cfg, name, b, s, args, peak)
+        _print_record(rec)
+        records.append(rec)
+    if not gpu:  # a busy moment during the first peak measurement would inflate every MFU
+        again = cpu_matmul_peak()["jax"]
+        if again > peak:
+            print(f"# peak re-measured after the steps: {again / 1e9:.0f} GFLOP/s; MFU rescaled")
+            for rec in records:
+                for r in rec["results"]:
+                    r["mfu_nanogpt"] *= peak / again
+                    r["mfu_causal"] *= peak / again
+            peak_info["flops"] = peak = again
     result = {
-        "benchmark": "train_step",
-        **machine(),
-        "torch_threads": torch_info and torch_info["threads"],
-        "model": args.model,
-        "params": count_params(jax.eval_shape(lambda: jaxgpt.init_params(cfg, jax.random.key(0)))),
-        "batch_size": args.batch_size,
-        "seq": seq,
-        "repeats": repeats,
-        "matmul_peak_flops": peak,
-        "step_flops": flops,
-        "results": rows,
-    }
-    if "torch-book" in sides:
-        t = {r["framework"]: r["step_s_median"] for r in rows}
-        result["speedup_vs_torch"] = t["torch-book"] / t["jaxgpt"]
-    print(f"# {result['cpu']}, {result['cores']} cores, jax {jax.__version__}, "
-          f"torch {torch_info and torch_info['version']}; {args.model} "
-          f"({result['params'] / 1e6:.1f}M params), batch {args.batch_size} x {seq}")  # fmt: skip
-    print(f"{'framework':<12}{'step ms':>10}{'tokens/s':>11}{'GFLOP/s':>10}{'of peak':>9}")
-    for r in rows:
-        ms, gf = r["step_s_median"] * 1e3, r["model_flops_per_s"] / 1e9
-        frac = r["fraction_of_matmul_peak"]
-        print(f"{r['framework']:<12}{ms:>10.1f}{r['tokens_per_s']:>11.0f}{gf:>10.1f}{frac:>9.1%}")
-    if "speedup_vs_torch" in result:
-        print(f"jaxgpt / torch speed ratio: {result['speedup_vs_torch']:.2f}x "
-              f"(matmul peak {peak / 1e9:.1f} GFLOP/s)")  # fmt: skip
+        "benchmark": "train_step", **mach, "peak": peak_info, "repeats": args.repeats,
+        "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "configs": records,
+    }  # fmt: skip
     print(json.dumps(result))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

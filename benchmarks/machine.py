@@ -10,16 +10,21 @@ from typing import Any
 
 import jax
 
+# The /proc/cpuinfo flags that decide matmul kernels: AVX2/FMA, AVX-512 and its bf16/VNNI, AMX.
+VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
 PACKAGES = ("jax", "jaxlib", "flax", "torch", "transformers", "llms-from-scratch", "numpy")
 
 
 def machine() -> dict[str, Any]:
-    """{"cpu", "cores", "jax_device", "versions"} for the JSON result and the printed header."""
+    """{"cpu", "vector_extensions", "cores", "jax_device", "versions"} for results and headers."""
     cpu = platform.processor() or "unknown"
+    flags: set[str] = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
                 break
     except OSError:
         pass
@@ -30,4 +35,10 @@ def machine() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             versions[pkg] = None
     device = str(jax.devices()[0].device_kind)
-    return {"cpu": cpu, "cores": os.cpu_count(), "jax_device": device, "versions": versions}
+    return {
+        "cpu": cpu,
+        "vector_extensions": [f for f in VECTOR_FLAGS if f in flags],
+        "cores": os.cpu_count(),
+        "jax_device": device,
+        "versions": versions,
+    }
