@@ -1,12 +1,17 @@
-"""The book's chapter-5 learning curve: its own PyTorch `train_model_simple` vs jaxgpt's `fit`.
+"""The book's chapter-5 experiment end to end: its own PyTorch code vs `scripts/train.py`.
 
 Both train GPT_CONFIG_124M on "The Verdict" with the book's settings (batch 2, stride 256,
 AdamW lr 4e-4, weight decay 0.1, 10 epochs, eval_freq 5, eval_iter 5, seed 123), on this
-machine, one after the other, and print the evaluations side by side. The PyTorch side is
-`llms_from_scratch.ch05.train_model_simple` over the book's `GPTDatasetV1` and DataLoader
-(with jaxgpt's offline tokenizer in place of `tiktoken.get_encoding`, which downloads).
+machine, one after the other, each in a fresh Python process whose whole wall time counts
+(start-up, imports, compilation). The PyTorch side is `llms_from_scratch.ch05`'s
+`train_model_simple` with its `evaluate_model` and per-epoch `generate_and_print_sample` over
+the book's `GPTDatasetV1` and DataLoader (jaxgpt's offline tokenizer stands in for
+`tiktoken.get_encoding`, which downloads). The jaxgpt side is `scripts/train.py` with the
+book's flags and an empty compilation cache, then once more with the cache warm. Printed:
+the evaluations side by side and each side's wall time split into setup, compile, training
+steps, evaluation, sampling and checkpoints.
 
-    python benchmarks/book_curve.py --data ../shared/data/the-verdict.txt   # ~30 min on 2 cores
+    python benchmarks/book_curve.py --data ../shared/data/the-verdict.txt   # ~20 min on 2 cores
 """
 
 from __future__ import annotations
@@ -16,17 +21,21 @@ import contextlib
 import io
 import json
 import re
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
 BOOK = {"batch_size": 2, "lr": 4e-4, "weight_decay": 0.1, "epochs": 10, "eval_freq": 5}
 EVAL_ITER = 5
 
 
 def run_torch(text: str, epochs: int, seed: int) -> dict:
+    start = time.perf_counter()
     import torch
+    from llms_from_scratch import ch05
     from llms_from_scratch.ch02 import GPTDatasetV1
     from llms_from_scratch.ch04 import GPTModel
     from llms_from_scratch.ch05 import calc_loss_loader, train_model_simple
@@ -48,48 +57,93 @@ def run_torch(text: str, epochs: int, seed: int) -> dict:
     model = GPTModel(cfg)
     train_loader = loader(text[:split], True, True)
     val_loader = loader(text[split:], False, False)
+    t = time.perf_counter()
     with torch.no_grad():
         model.eval()
         initial = (calc_loss_loader(train_loader, model, "cpu"),
                    calc_loss_loader(val_loader, model, "cpu"))  # fmt: skip
+    times = {"eval": time.perf_counter() - t, "eval_loop": 0.0, "sample": 0.0}
     opt = torch.optim.AdamW(model.parameters(), lr=BOOK["lr"], weight_decay=BOOK["weight_decay"])
+    times["setup"] = time.perf_counter() - start - times["eval"]
     out = io.StringIO()
     t = time.perf_counter()
-    with contextlib.redirect_stdout(out):
+    with contextlib.redirect_stdout(out), _timing(ch05, times):
         train_model_simple(model, train_loader, val_loader, opt, "cpu", epochs,
                            BOOK["eval_freq"], EVAL_ITER, "Every effort moves you", enc)  # fmt: skip
     wall = time.perf_counter() - t
-    evals = [
-        {"epoch": int(m[1]), "step": int(m[2]), "train": float(m[3]), "val": float(m[4])}
-        for m in re.finditer(r"Ep (\d+) \(Step (\d+)\): Train loss ([\d.]+), Val loss ([\d.]+)",
-                             out.getvalue())
-    ]  # fmt: skip
+    times["train"] = wall - times["eval_loop"] - times["sample"]
+    times["eval"] += times.pop("eval_loop")
+    evals = _evals(out.getvalue())
     samples = [ln for ln in out.getvalue().splitlines() if ln.startswith("Every effort")]
-    return {"initial": initial, "evals": evals, "samples": samples, "wall_s": wall}
+    return {"initial": initial, "evals": evals, "samples": samples, "wall_s": wall, "times": times}
 
 
-def run_jaxgpt(data: str, epochs: int, seed: int) -> dict:
-    from jaxgpt.config import TrainConfig, get_preset
-    from jaxgpt.train import fit
+def _evals(text: str) -> list[dict]:
+    """The book's "Ep 1 (Step 000005): Train loss ..., Val loss ..." lines, parsed."""
+    pattern = r"Ep (\d+) \(Step (\d+)\): Train loss ([\d.]+), Val loss ([\d.]+)"
+    return [
+        {"epoch": int(m[1]), "step": int(m[2]), "train": float(m[3]), "val": float(m[4])}
+        for m in re.finditer(pattern, text)
+    ]
 
-    evals, samples, untrained = [], [], {}
 
-    def on_event(name: str, payload: dict) -> None:
-        if name == "eval":
-            evals.append(payload)
-        elif name == "sample":
-            samples.append(payload)
-        elif name == "untrained":
-            untrained.update(payload)
+@contextlib.contextmanager
+def _timing(ch05, times: dict):
+    """Time the book's evaluate_model and generate_and_print_sample, which train_model_simple
+    looks up in its module at call time."""
+    originals = {"eval_loop": ch05.evaluate_model, "sample": ch05.generate_and_print_sample}
 
+    def timed(name):
+        def call(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return originals[name](*args, **kwargs)
+            finally:
+                times[name] += time.perf_counter() - t
+
+        return call
+
+    ch05.evaluate_model, ch05.generate_and_print_sample = timed("eval_loop"), timed("sample")
+    try:
+        yield
+    finally:
+        ch05.evaluate_model = originals["eval_loop"]
+        ch05.generate_and_print_sample = originals["sample"]
+
+
+def run_script(data: str, epochs: int, seed: int, cache_dir: str) -> dict:
+    """`scripts/train.py` with the book's flags in a fresh process; whole wall time counted."""
+    flags = ["--model", "book-124m", "--data", data, "--epochs", str(epochs), "--seed", str(seed),
+             "--batch-size", str(BOOK["batch_size"]), "--lr", str(BOOK["lr"]),
+             "--weight-decay", str(BOOK["weight_decay"]), "--eval-freq", str(BOOK["eval_freq"]),
+             "--eval-iter", str(EVAL_ITER), "--start-context", "Every effort moves you",
+             "--cache-dir", cache_dir]  # fmt: skip
     with tempfile.TemporaryDirectory() as out:
-        tc = TrainConfig(data=data, epochs=epochs, eval_iter=EVAL_ITER, seed=seed, out=out,
-                         start_context="Every effort moves you", checkpoint_every=10_000,
-                         **{k: v for k, v in BOOK.items() if k != "epochs"})  # fmt: skip
         t = time.perf_counter()
-        fit(get_preset("book-124m"), tc, on_event=on_event, progress=False)
+        done = subprocess.run(
+            [sys.executable, str(SCRIPT), *flags, "--out", str(Path(out) / "run")],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
         wall = time.perf_counter() - t
-    return {"initial": untrained, "evals": evals, "samples": samples, "wall_s": wall}
+    evals = _evals(done.stdout)
+    [line] = [ln for ln in done.stdout.splitlines() if ln.startswith("Wall time: ")]
+    times = {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+) s", line)}
+    times["startup"] = wall - times["total"]  # interpreter, imports, argument parsing
+    samples = [ln for ln in done.stdout.splitlines() if ln.startswith("Every effort")]
+    return {"evals": evals, "samples": samples, "wall_s": wall, "times": times}
+
+
+def _child(side: str, args: argparse.Namespace, text: str) -> dict:
+    """Run one side in a fresh interpreter (so its start-up and imports count)."""
+    t = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, __file__, "--data", args.data, "--epochs", str(args.epochs),
+         "--seed", str(args.seed), "--child", side],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    res = json.loads(done.stdout.splitlines()[-1])
+    res["process_wall_s"] = time.perf_counter() - t
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=BOOK["epochs"])
     ap.add_argument("--seed", type=int, default=123)
     ap.add_argument("--only", choices=["torch", "jaxgpt"], default=None)
+    ap.add_argument("--child", choices=["torch"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default="benchmarks/results/book_curve.json")
     args = ap.parse_args(argv)
     path = Path(args.data)
@@ -107,17 +162,39 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     text = path.read_text(encoding="utf-8")
-    res: dict = {"settings": {**BOOK, "epochs": args.epochs, "eval_iter": EVAL_ITER,
+    if args.child == "torch":
+        print(json.dumps(run_torch(text, args.epochs, args.seed), default=str))
+        return 0
+    sys.path.insert(0, str(Path(__file__).parent))
+    from machine import machine
+
+    res: dict = {"benchmark": "book_run", **machine(),
+                 "settings": {**BOOK, "epochs": args.epochs, "eval_iter": EVAL_ITER,
                               "seed": args.seed}}  # fmt: skip
     if args.only in (None, "torch"):
-        res["torch_book"] = run_torch(text, args.epochs, args.seed)
-        print(json.dumps({"torch_book": res["torch_book"]["evals"][-3:]}), flush=True)
+        res["torch_book"] = _child("torch", args, text)
+        tb = res["torch_book"]
+        tb["times"]["startup"] = tb["process_wall_s"] - sum(tb["times"].values())
+        _show("torch (book)", res["torch_book"])
     if args.only in (None, "jaxgpt"):
-        res["jaxgpt"] = run_jaxgpt(str(path), args.epochs, args.seed)
+        with tempfile.TemporaryDirectory() as cache:
+            res["jaxgpt"] = run_script(str(path), args.epochs, args.seed, cache)
+            _show("jaxgpt, empty compile cache", res["jaxgpt"])
+            res["jaxgpt_warm_cache"] = run_script(str(path), args.epochs, args.seed, cache)
+            _show("jaxgpt, warm compile cache", res["jaxgpt_warm_cache"])
+    if "torch_book" in res and "jaxgpt" in res:
+        res["speedup_vs_torch"] = res["torch_book"]["process_wall_s"] / res["jaxgpt"]["wall_s"]
+        print(f"jaxgpt (cold cache) is {res['speedup_vs_torch']:.2f}x the book's code, wall time")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1, default=str) + "\n")
-    print(json.dumps(res, default=str))
     return 0
+
+
+def _show(name: str, r: dict) -> None:
+    wall = r.get("process_wall_s", r["wall_s"])
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in r["times"].items() if k != "total")
+    last = r["evals"][-1] if r["evals"] else {}
+    print(f"{name}: {wall:.1f} s ({parts}); last eval {last}", flush=True)
 
 
 if __name__ == "__main__":
