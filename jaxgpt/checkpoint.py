@@ -108,7 +108,9 @@ def restore(mngr: ocp.CheckpointManager, like: Any, step: int | None = None) -> 
         ),
     )
     state = out["state"]
-    return state.replace(key=jax.random.wrap_key_data(state.key)), dict(out["meta"])
+    # The key's PRNG (threefry2x32, rbg, ...): its dtype carries it, concrete or abstract.
+    impl = like.key.dtype._impl.name
+    return state.replace(key=jax.random.wrap_key_data(state.key, impl=impl)), dict(out["meta"])
 
 
 def load_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[GPTConfig, Params]:

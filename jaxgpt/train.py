@@ -236,7 +236,7 @@ def _check_run_dir(run_dir: Path, config: GPTConfig, tc: TrainConfig, resume: bo
 
 
 def _start_state(run: _Run, tx: optax.GradientTransformation, resume: bool) -> TrainState:
-    state = init_train_state(run.config, tx, jax.random.key(run.tc.seed))
+    state = init_train_state(run.config, tx, jax.random.key(run.tc.seed, impl=run.tc.prng_impl))
     if not resume:
         checkpoint.save_run_config(run.dir, run.config, run.tc)
         return state

@@ -57,6 +57,7 @@ TRAIN_HELP = {
     "data_url": "base URL to download the-verdict.txt from",
     "compile_cache": "keep compiled programs in CACHE_DIR/xla so the next run does not compile "
     "again",
+    "prng_impl": "JAX PRNG for init, dropout and sampling: threefry2x32, rbg or unsafe_rbg",
 }
 
 

@@ -112,11 +112,17 @@ class _Stop(KeyboardInterrupt):
     pass
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, corpus: str, tiny_config) -> None:
+@pytest.mark.parametrize("prng", ["threefry2x32", "rbg"])
+def test_resumed_run_equals_uninterrupted_run(
+    tmp_path: Path, corpus: str, tiny_config, prng: str
+) -> None:
     config = tiny_config.replace(drop_rate=0.1)  # dropout makes the PRNG stream matter
     events = []
     whole = fit(
-        config, _tc(corpus, tmp_path / "a"), progress=False, on_event=lambda n, e: events.append(n)
+        config,
+        _tc(corpus, tmp_path / "a", prng_impl=prng),
+        progress=False,
+        on_event=lambda n, e: events.append(n),
     )
     assert events.count("sample") == 2  # one per epoch; 10 steps per epoch, 14 in all
     assert int(whole.state.step) == 14
@@ -126,9 +132,10 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, corpus: str, tiny_
             raise _Stop
 
     with pytest.raises(_Stop):
-        fit(config, _tc(corpus, tmp_path / "b"), progress=False, on_event=stop_at_7)
+        fit(config, _tc(corpus, tmp_path / "b", prng_impl=prng), progress=False, on_event=stop_at_7)
     assert checkpoint.latest_step(tmp_path / "b") == 7  # saved on interrupt
-    resumed = fit(config, _tc(corpus, tmp_path / "b"), resume=True, progress=False)
+    resumed = fit(config, _tc(corpus, tmp_path / "b", prng_impl=prng), resume=True, progress=False)
+    assert jax.random.key_impl(resumed.state.key) == prng
     assert _rows(tmp_path / "b") == _rows(tmp_path / "a")
     assert [r["step"] for r in _rows(tmp_path / "a")] == [1, 4, 7, 10, 13, 14]  # 14: the end
     jax.tree.map(np.testing.assert_array_equal, resumed.state.params, whole.state.params)
