@@ -333,8 +333,8 @@ def fit(
 
     Writes `config.json`, `metrics.jsonl` (a row per evaluation), `checkpoints/` (every
     `checkpoint_every` steps, at the end, and on Ctrl-C) and `plots/`. `on_event(name,
-    payload)` receives "start", "untrained", "eval", "sample", "checkpoint", "done";
-    the default logs them.
+    payload)` receives "start", "untrained", "eval", "sample", "checkpoint", "done" (with
+    "times": wall seconds per phase, compilation split out); the default logs them.
 
     Raises:
       ValueError: bad data or run folder (the run folder is never deleted or overwritten).
@@ -403,6 +403,8 @@ def _train_loop(
                         _save(run, mngr, state)
                 if step >= run.total_steps:
                     break
+            with timer.phase("train"):
+                jax.block_until_ready(m)  # queued steps are training time, not sampling time
             with timer.phase("sample"):
                 _sample(run, state.params, epoch)
         if m is not None:
