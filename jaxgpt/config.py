@@ -75,9 +75,13 @@ class GPTConfig(_DictMixin):
     # Rematerialise each block in the backward pass: "block" saves only its input, "dots"
     # also keeps matmul outputs (jax.checkpoint_policies.dots_with_no_batch_dims_saveable).
     remat: str = "none"
+    # Pad the token embedding rows and output head columns to a multiple of this (64: 50257 ->
+    # 50304, tensor-core friendly). Padded logits are masked out of the loss and sliced off
+    # the logits; the padding starts at zero and stays there. 1: no padding (the book).
+    vocab_pad: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "vocab_pad"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
@@ -98,6 +102,11 @@ class GPTConfig(_DictMixin):
     @property
     def head_dim(self) -> int:
         return self.emb_dim // self.n_heads
+
+    @property
+    def padded_vocab(self) -> int:
+        """Rows of the token embedding / columns of the head: vocab_size rounded up to vocab_pad."""
+        return -(-self.vocab_size // self.vocab_pad) * self.vocab_pad
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -233,7 +233,7 @@ class GPT(nn.Module):
         embed = dict(
             embedding_init=nn.initializers.normal(std), dtype=jnp.dtype(cfg.dtype), param_dtype=pdt
         )
-        self.tok_emb = nn.Embed(cfg.vocab_size, cfg.emb_dim, **embed)
+        self.tok_emb = nn.Embed(cfg.padded_vocab, cfg.emb_dim, **embed)
         self.pos_emb = nn.Embed(cfg.context_length, cfg.emb_dim, **embed)
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         block = _block_class(cfg)
@@ -251,7 +251,7 @@ class GPT(nn.Module):
             self.trf_blocks = [block(cfg) for _ in range(cfg.n_layers)]
         self.final_norm = LayerNorm(param_dtype=pdt)
         if not cfg.tie_embeddings:
-            self.out_head = _dense(cfg, cfg.emb_dim, cfg.vocab_size, use_bias=False)
+            self.out_head = _dense(cfg, cfg.emb_dim, cfg.padded_vocab, use_bias=False)
 
     def __call__(self, ids: jax.Array, deterministic: bool = True) -> jax.Array:
         """Full causal forward pass.
@@ -316,14 +316,18 @@ class GPT(nn.Module):
         return self.final_norm(x), (None if cache is None else new_cache)
 
     def _head(self, x: jax.Array) -> jax.Array:
-        """(batch, seq, emb) -> logits (batch, seq, vocab), one 2-D matmul over the tokens."""
+        """(batch, seq, emb) -> logits (batch, seq, vocab), one 2-D matmul over the tokens.
+
+        A padded vocabulary's extra columns are sliced off: callers never see them.
+        """
+        vocab = self.config.vocab_size
         if not self.config.tie_embeddings:
-            return self.out_head(x)
+            return self.out_head(x)[..., :vocab]
         b, s, e = x.shape
         prec = _PRECISION[self.config.matmul_precision]
-        emb = self.tok_emb.embedding.astype(x.dtype)  # (vocab, emb)
+        emb = self.tok_emb.embedding.astype(x.dtype)  # (padded vocab, emb)
         logits = jax.lax.dot_general(x.reshape(b * s, e), emb, (((1,), (1,)), ((), ())), prec)
-        return logits.reshape(b, s, -1)  # (batch, seq, vocab)
+        return logits.reshape(b, s, -1)[..., :vocab]  # (batch, seq, vocab)
 
 
 def _check_ids(ids: jax.Array, cfg: GPTConfig) -> tuple[int, int]:
@@ -355,11 +359,12 @@ def precision(config: GPTConfig) -> jax.lax.Precision:
 def init_params(config: GPTConfig, key: jax.Array) -> Params:
     """Fresh parameters for `config` (a plain nested dict), drawn from `key`.
 
-    Scanned layers get the unrolled model's values, stacked: the same key gives the same model.
+    Scanned layers get the unrolled model's values, stacked, and a padded vocabulary gets zero
+    padding: the same key gives the same model whatever the layout.
     """
     ids = jnp.zeros((1, 1), jnp.int32)
-    unrolled = config.replace(scan_layers=False)
-    return jax.jit(lambda k: to_layout(GPT(unrolled).init(k, ids)["params"], config))(key)
+    canonical = config.replace(scan_layers=False, vocab_pad=1)
+    return jax.jit(lambda k: to_layout(GPT(canonical).init(k, ids)["params"], config))(key)
 
 
 def init_cache(
@@ -448,6 +453,43 @@ def unstack_blocks(tree: Any) -> Any:
     return jax.tree.map(unstack, tree, is_leaf=_has_stacked)
 
 
+def fit_vocab(tree: Any, vocab: int) -> Any:
+    """Token embedding rows and head columns cut or zero-padded to `vocab`, in params or in an
+    optimizer state's moments (every dict holding `tok_emb` / `out_head`)."""
+
+    def resize(a: Any, axis: int) -> Any:
+        if not hasattr(a, "shape") or a.shape[axis] == vocab:
+            return a  # e.g. optax.MaskedNode in a masked state
+        if a.shape[axis] > vocab:
+            return jax.lax.slice_in_dim(a, 0, vocab, axis=axis)
+        pad = [(0, 0)] * a.ndim
+        pad[axis] = (0, vocab - a.shape[axis])
+        return jnp.pad(a, pad)
+
+    def fit(node: Any) -> Any:
+        if not _has_vocab(node):
+            return node
+        out = dict(node)
+        for name, leaf, axis in (("tok_emb", "embedding", 0), ("out_head", "kernel", 1)):
+            sub = node.get(name)
+            if isinstance(sub, Mapping) and leaf in sub:
+                out[name] = {**sub, leaf: resize(sub[leaf], axis)}
+        return out
+
+    return jax.tree.map(fit, tree, is_leaf=_has_vocab)
+
+
+def _has_vocab(node: Any) -> bool:
+    return isinstance(node, Mapping) and ("tok_emb" in node or "out_head" in node)
+
+
 def to_layout(tree: Any, config: GPTConfig) -> Any:
-    """Params (or an optimizer state) of either layout in the layout `GPT(config)` expects."""
+    """Params (or an optimizer state) of any layout in the one `GPT(config)` expects: layers
+    stacked or not, vocabulary padded to `config.padded_vocab` or not."""
+    tree = fit_vocab(tree, config.padded_vocab)
     return stack_blocks(tree) if config.scan_layers else unstack_blocks(tree)
+
+
+def to_canonical(tree: Any, config: GPTConfig) -> Any:
+    """The interchange layout (other formats): unrolled layers, no vocabulary padding."""
+    return fit_vocab(unstack_blocks(tree), config.vocab_size)

@@ -91,6 +91,7 @@ def _loss(config: GPTConfig, params: Params, batch: Batch, key: jax.Array | None
         y.reshape(b * s),
         config.tie_embeddings,
         precision(config),
+        config.vocab_size,  # masks a padded vocabulary's extra columns
     )
 
 

@@ -26,6 +26,8 @@ MODEL_FLAGS = {
     "n_layers": "number of transformer blocks",
     "n_heads": "attention heads (must divide --emb-dim)",
     "drop_rate": "dropout rate",
+    "vocab_pad": "pad the embedding and head to a multiple of this many tokens (64: 50257 -> "
+    "50304); padded logits are masked out of the loss and the sampler",
 }
 # Accelerator switches (GPTConfig fields; None keeps the preset's value): flag -> (choices, help).
 ACCEL_FLAGS = {

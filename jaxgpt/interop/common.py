@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgpt.config import PRESETS, GPTConfig, get_preset
-from jaxgpt.model import GPT, Params, to_layout, unstack_blocks
+from jaxgpt.model import GPT, Params, to_canonical, to_layout, unstack_blocks
 from jaxgpt.model import flatten_params as flatten
 from jaxgpt.model import unflatten_params as unflatten
 
@@ -23,17 +23,19 @@ _SHAPE_FIELDS = ("vocab_size", "context_length", "emb_dim", "n_layers", "qkv_bia
 
 
 def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """{flat param path: shape} of `GPT(config)` in the file layout (unrolled layers), from
-    abstract evaluation (no compute)."""
+    """{flat param path: shape} of `GPT(config)` in the file layout (unrolled layers, no
+    vocabulary padding), from abstract evaluation (no compute)."""
     ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    canonical = GPT(config.replace(scan_layers=False))
+    canonical = GPT(config.replace(scan_layers=False, vocab_pad=1))
     tree = jax.eval_shape(lambda k, x: canonical.init(k, x)["params"], jax.random.key(0), ids)
     return {path: tuple(leaf.shape) for path, leaf in flatten(tree).items()}
 
 
-def to_numpy(params: Params) -> Flat:
-    """Flat NumPy copy of a params pytree (float32 unless stored otherwise), layers unrolled."""
-    return {k: np.asarray(v) for k, v in flatten(unstack_blocks(params)).items()}
+def to_numpy(params: Params, config: GPTConfig | None = None) -> Flat:
+    """Flat NumPy copy of a params pytree (float32 unless stored otherwise), layers unrolled;
+    with `config`, a padded vocabulary is cut back to `config.vocab_size` (for export)."""
+    tree = unstack_blocks(params) if config is None else to_canonical(params, config)
+    return {k: np.asarray(v) for k, v in flatten(tree).items()}
 
 
 def _names(keys: Iterable[str], limit: int = 8) -> str:
