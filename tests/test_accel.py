@@ -4,6 +4,7 @@ attention, scanned layers, rematerialisation, gradient accumulation, bf16 mixed 
 from __future__ import annotations
 
 import functools
+import json
 import math
 
 import jax
@@ -12,8 +13,8 @@ import numpy as np
 import pytest
 
 from jaxgpt import checkpoint, generate
-from jaxgpt.config import TrainConfig
-from jaxgpt.model import GPT, init_params, stack_blocks, unstack_blocks
+from jaxgpt.config import TrainConfig, get_preset
+from jaxgpt.model import GPT, fit_vocab, init_params, stack_blocks, unstack_blocks
 from jaxgpt.optim import adam_state, make_optimizer
 from jaxgpt.train import init_train_state, loss_and_grads, make_train_step
 
@@ -97,6 +98,21 @@ def test_cudnn_attention_matches_book_on_gpu(small_vocab_config) -> None:
     np.testing.assert_allclose(got, ref, atol=8 * 2**-8 * scale, rtol=0)
 
 
+@pytest.mark.gpu
+def test_switches_on_gpu_match_cpu_float32(small_vocab_config) -> None:
+    # Scan + remat + fused XLA attention on the GPU against the book's path on the CPU, float32
+    # at "highest" precision (no TF32): the same sums in another order, ~1e-6 of O(1) logits.
+    cfg = small_vocab_config
+    fast = cfg.replace(scan_layers=True, remat="block", attention="xla")
+    params = init_params(cfg, jax.random.key(0))
+    x, _ = _batches(cfg, 1, batch=2)[0]
+    cpu = jax.devices("cpu")[0]
+    want = _logits(cfg, jax.device_put(params, cpu), jax.device_put(x, cpu))
+    gpu = jax.devices("gpu")[0]
+    got = _logits(fast, jax.device_put(stack_blocks(params), gpu), jax.device_put(x, gpu))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=0)
+
+
 # --- scanned layers --------------------------------------------------------------------------
 
 
@@ -121,29 +137,24 @@ def test_scanned_layers_same_logits_and_trajectory(small_vocab_config) -> None:
     assert _max_diff(stack_blocks(unstack_blocks(mu_s)), mu_s) == 0.0
 
 
-@pytest.mark.parametrize("write_scan", [True, False])
-def test_checkpoint_of_one_layout_loads_into_the_other(small_vocab_config, tmp_path, write_scan):
-    cfg_w = small_vocab_config.replace(scan_layers=write_scan)
-    cfg_r = small_vocab_config.replace(scan_layers=not write_scan)
-    _, state = _trajectory(cfg_w, 2)
-    with checkpoint.manager(tmp_path) as mngr:
-        checkpoint.save(mngr, state, {"tokens_seen": 0})
-    # On disk: always the unrolled layout.
-    assert (tmp_path / "checkpoints" / "2" / "state").is_dir()
-    tc = TrainConfig()
-    tx = make_optimizer(tc, 2)
-    like = jax.eval_shape(lambda: init_train_state(cfg_r, tx, jax.random.key(0)))
-    with checkpoint.manager(tmp_path, read_only=True) as mngr:
-        got, _ = checkpoint.restore(mngr, like)
-    assert ("trf_blocks" in got.params) == (not write_scan)
-    want = unstack_blocks(state.params)
-    assert _max_diff(unstack_blocks(got.params), want) == 0.0
-    mu = adam_state(got.opt_state).mu
-    assert _max_diff(unstack_blocks(mu), unstack_blocks(adam_state(state.opt_state).mu)) == 0.0
-    # The restored state trains on in the reading layout.
-    step = make_train_step(cfg_r, tx)
-    new, m = step(got, _batches(cfg_r, 1)[0])
-    assert int(new.step) == 3 and math.isfinite(float(m["loss"]))
+def test_checkpoint_of_one_layout_loads_into_the_other(small_vocab_config, tmp_path) -> None:
+    unrolled, scanned = small_vocab_config, small_vocab_config.replace(scan_layers=True)
+    runs = {cfg: _trajectory(cfg, 5)[1] for cfg in (unrolled, scanned)}  # cached above
+    tx = make_optimizer(TrainConfig(lr=1e-3, batch_size=8), 5)
+    for write, read in ((scanned, unrolled), (unrolled, scanned)):
+        folder = tmp_path / f"scan_{write.scan_layers}"
+        with checkpoint.manager(folder) as mngr:
+            checkpoint.save(mngr, runs[write], {"tokens_seen": 0})
+        # On disk: always the unrolled layout.
+        meta = json.loads((folder / "checkpoints" / "5" / "state" / "_METADATA").read_text())
+        assert any("trf_blocks_1" in k for k in json.dumps(meta).split('"'))
+        like = jax.eval_shape(lambda c=read: init_train_state(c, tx, jax.random.key(0)))
+        with checkpoint.manager(folder, read_only=True) as mngr:
+            got, _ = checkpoint.restore(mngr, like)
+        assert jax.tree.structure(got) == jax.tree.structure(like)
+        # The restored state is the reading layout's own 5-step run (float32, ~1e-7 apart).
+        assert _max_diff(got.params, runs[read].params) < 1e-6
+        assert _max_diff(adam_state(got.opt_state).nu, adam_state(runs[read].opt_state).nu) < 1e-6
 
 
 def test_params_file_load_and_sampler_accept_both_layouts(small_vocab_config, tmp_path) -> None:
@@ -246,3 +257,44 @@ def test_bf16_tracks_float32_and_keeps_float32_state(small_vocab_config) -> None
     assert err.max() <= tol, (err, tol)
     # The bound is not vacuous: training moves the loss by far more than it.
     assert loss_32[0] - loss_32[-1] > 10 * tol
+
+
+# --- padded vocabulary -----------------------------------------------------------------------
+
+
+def test_vocab_pad_trains_as_unpadded(small_vocab_config) -> None:
+    cfg = small_vocab_config  # vocab 97
+    padded = cfg.replace(vocab_pad=64)
+    assert padded.padded_vocab == 128 and get_preset("gpt2").replace(vocab_pad=64).padded_vocab == (
+        50304
+    )
+    params = init_params(padded, jax.random.key(0))
+    assert params["tok_emb"]["embedding"].shape == (128, 32)
+    assert params["out_head"]["kernel"].shape == (32, 128)
+    x, _ = _batches(cfg, 1, batch=2)[0]
+    logits = _logits(padded, params, x)
+    assert logits.shape == (2, 16, 97)  # the padded columns never reach the caller
+    loss_u, state_u = _trajectory(cfg, 5)
+    loss_p, state_p = _trajectory(padded, 5)
+    # Padded columns are masked out of the loss: same float32 math on a wider matmul (~1e-7).
+    np.testing.assert_allclose(loss_p, loss_u, atol=1e-6, rtol=0)
+    head = state_p.params["out_head"]["kernel"]
+    assert float(jnp.max(jnp.abs(head[:, 97:]))) == 0.0  # no gradient, no decay: stays zero
+    assert _max_diff(fit_vocab(state_p.params, 97), state_u.params) < 1e-5  # Adam: see remat
+    # The sampler never picks a padded id, even if their weights were huge.
+    loud = {**params, "out_head": {"kernel": head.at[:, 97:].set(1e3)}}
+    out = generate(loud, padded, [[1, 2, 3]], max_new_tokens=8)
+    assert max(out[0][3:]) < 97
+
+
+def test_interop_strips_and_adds_vocab_padding(small_vocab_config) -> None:
+    pytest.importorskip("torch")
+    from jaxgpt.interop import from_book_state_dict, to_book_state_dict
+
+    padded = small_vocab_config.replace(vocab_pad=64, scan_layers=True)
+    params = init_params(padded, jax.random.key(0))
+    sd = to_book_state_dict(padded, params)
+    assert sd["tok_emb.weight"].shape == (97, 32) and sd["out_head.weight"].shape == (97, 32)
+    assert "trf_blocks.1.att.W_query.weight" in sd  # unrolled, the book's names
+    cfg, back = from_book_state_dict(sd, padded)
+    assert cfg == padded and _max_diff(back, params) == 0.0
