@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(_flag(name), choices=choices, help=text)
     p.add_argument(
         "--scan-layers",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
         help="run the blocks as one nn.scan over stacked params (compile time independent of "
         "depth; checkpoints stay in the unrolled layout)",

@@ -6,12 +6,16 @@ from __future__ import annotations
 import functools
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxgpt
 from jaxgpt import checkpoint, generate
 from jaxgpt.config import TrainConfig, get_preset
 from jaxgpt.model import GPT, fit_vocab, init_params, stack_blocks, unstack_blocks
@@ -298,3 +302,37 @@ def test_interop_strips_and_adds_vocab_padding(small_vocab_config) -> None:
     assert "trf_blocks.1.att.W_query.weight" in sd  # unrolled, the book's names
     cfg, back = from_book_state_dict(sd, padded)
     assert cfg == padded and _max_diff(back, params) == 0.0
+
+
+@pytest.mark.slow  # three compiled programs per run, twice: minutes on 2 loaded cores
+def test_train_script_records_switches_and_resumes_in_another_layout(tmp_path, verdict_text):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(verdict_text[:3000], encoding="utf-8")
+    out = tmp_path / "run"
+    args = [
+        "--model", "tiny", "--data", str(corpus), "--out", str(out), "--batch-size", "4",
+        "--eval-freq", "2", "--eval-iter", "1", "--sample-tokens", "2",
+    ]  # fmt: skip
+    switches = [
+        "--dtype", "bfloat16", "--attention", "auto", "--scan-layers", "--remat", "block",
+        "--grad-accum", "2", "--vocab-pad", "64",
+    ]  # fmt: skip
+
+    def run(*extra: str) -> None:
+        cmd = [sys.executable, str(script), *extra]
+        done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    run(*args, *switches, "--max-steps", "2")
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["train"]["grad_accum"] == 2
+    want = {"dtype": "bfloat16", "attention": "auto", "scan_layers": True, "remat": "block"}
+    assert {k: saved["model"][k] for k in want} == want and saved["model"]["vocab_pad"] == 64
+    # Resume (the run's own settings) unrolled, without remat: the checkpoint on disk is
+    # unrolled and loads into either layout.
+    run("--out", str(out), "--resume", "--max-steps", "3", "--no-scan-layers", "--remat", "none")
+    assert checkpoint.latest_step(out) == 3
+    cfg, params = jaxgpt.load(out)
+    assert not cfg.scan_layers and "trf_blocks_1" in params
+    assert params["tok_emb"]["embedding"].shape == (50304, 32)
