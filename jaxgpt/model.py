@@ -151,8 +151,9 @@ def _attention_impl(cfg: GPTConfig, deterministic: bool) -> str:
         return cfg.attention
     if not deterministic and cfg.drop_rate > 0:
         return "book"  # dropout on attention weights needs the weights: no fused kernel
-    if jax.default_backend() == "gpu" and cfg.dtype != "float32" and cfg.head_dim <= 128:
-        return "cudnn"  # cuDNN flash attention takes 16-bit inputs, head_dim <= 128
+    head_ok = cfg.head_dim <= 128 and cfg.head_dim % 8 == 0
+    if jax.default_backend() == "gpu" and cfg.dtype != "float32" and head_ok:
+        return "cudnn"  # cuDNN flash attention: 16-bit inputs, head_dim <= 128, multiple of 8
     return "xla"
 
 
