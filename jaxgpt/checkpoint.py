@@ -2,6 +2,7 @@
 
 A run folder holds `config.json` and `checkpoints/<step>/` (Orbax, atomic, last K kept).
 An exported params file is a `.npz` of "/"-joined param paths plus the config as JSON.
+On disk the layers are always unrolled (`trf_blocks_N`); scanned runs convert on save/load.
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxgpt.config import GPTConfig, TrainConfig
-from jaxgpt.model import Params, flatten_params, unflatten_params
+from jaxgpt.model import (
+    Params,
+    flatten_params,
+    stack_blocks,
+    to_layout,
+    unflatten_params,
+    unstack_blocks,
+)
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
@@ -65,8 +73,13 @@ def manager(
 
 
 def _to_saveable(state: Any) -> Any:
-    # Typed PRNG keys cannot be serialised; store their raw uint32 data.
-    return state.replace(key=jax.random.key_data(state.key))
+    # Typed PRNG keys cannot be serialised; store their raw uint32 data. Scanned (stacked)
+    # params and optimizer moments are written unrolled, the one layout on disk.
+    return state.replace(
+        key=jax.random.key_data(state.key),
+        params=unstack_blocks(state.params),
+        opt_state=unstack_blocks(state.opt_state),
+    )
 
 
 def save(mngr: ocp.CheckpointManager, state: Any, meta: dict[str, Any]) -> None:
@@ -108,6 +121,10 @@ def restore(mngr: ocp.CheckpointManager, like: Any, step: int | None = None) -> 
         ),
     )
     state = out["state"]
+    if "trf_blocks" in like.params:  # a scanned run: back to the stacked layout
+        state = state.replace(
+            params=stack_blocks(state.params), opt_state=stack_blocks(state.opt_state)
+        )
     # The key's PRNG (threefry2x32, rbg, ...): its dtype carries it, concrete or abstract.
     impl = like.key.dtype._impl.name
     return state.replace(key=jax.random.wrap_key_data(state.key, impl=impl)), dict(out["meta"])
@@ -122,7 +139,7 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[GPTCo
         step = mngr.latest_step() if step is None else step
         # No target: Orbax returns the saved tree as nested dicts; take the params.
         out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return config, jax.tree.map(jax.numpy.asarray, out["state"]["params"])
+    return config, to_layout(jax.tree.map(jax.numpy.asarray, out["state"]["params"]), config)
 
 
 def save_params(path: str | os.PathLike, config: GPTConfig, params: Params) -> None:
@@ -132,7 +149,7 @@ def save_params(path: str | os.PathLike, config: GPTConfig, params: Params) -> N
         raise ValueError(f"params file {str(path)!r} must end in .npz")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
-    arrays = {k: np.asarray(v) for k, v in flatten_params(params).items()}
+    arrays = {k: np.asarray(v) for k, v in flatten_params(unstack_blocks(params)).items()}
     np.savez(tmp, **arrays, **{_CONFIG_KEY: np.array(json.dumps(config.to_dict()))})
     tmp.replace(path)
 
@@ -144,7 +161,7 @@ def load_params(path: str | os.PathLike) -> tuple[GPTConfig, Params]:
             raise ValueError(f"{str(path)!r} is not a jaxgpt params file (no {_CONFIG_KEY})")
         config = GPTConfig.from_dict(json.loads(str(f[_CONFIG_KEY])))
         flat = {name: jax.numpy.asarray(f[name]) for name in f.files if name != _CONFIG_KEY}
-    return config, unflatten_params(flat)
+    return config, to_layout(unflatten_params(flat), config)
 
 
 def load(path: str | os.PathLike) -> tuple[GPTConfig, Params]:

@@ -10,6 +10,8 @@ _DTYPES = ("float32", "bfloat16", "float16")
 _PRECISIONS = ("default", "high", "highest")
 _INITS = ("pytorch", "gpt2")
 _PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+ATTENTIONS = ("book", "auto", "xla", "cudnn")
+REMATS = ("none", "block", "dots")
 
 
 _C = TypeVar("_C", bound="_DictMixin")
@@ -61,9 +63,25 @@ class GPTConfig(_DictMixin):
     # float32 matmuls on GPU/TPU run at reduced precision unless asked; "highest"
     # keeps agreement with PyTorch's fp32 to ~1e-6.
     matmul_precision: str = "highest"
+    # Accelerator switches (issue 9); the defaults are the book's computation.
+    # "book": explicit masked softmax (the reference). "xla"/"cudnn": jax.nn.dot_product_attention
+    # with that implementation (no dropout on attention weights: a fused kernel cannot apply it).
+    # "auto": the book's path while attention dropout is active, else cuDNN on GPU for
+    # 16-bit inputs, else XLA. The cached-decode path always uses the book's attention.
+    attention: str = "book"
+    # The blocks as one nn.scan over stacked params `trf_blocks/...` (leading layer axis), so
+    # compile time does not grow with depth. On disk params are always unrolled (trf_blocks_N).
+    scan_layers: bool = False
+    # Rematerialise each block in the backward pass: "block" saves only its input, "dots"
+    # also keeps matmul outputs (jax.checkpoint_policies.dots_with_no_batch_dims_saveable).
+    remat: str = "none"
+    # Pad the token embedding rows and output head columns to a multiple of this (64: 50257 ->
+    # 50304, tensor-core friendly). Padded logits are masked out of the loss and sliced off
+    # the logits; the padding starts at zero and stays there. 1: no padding (the book).
+    vocab_pad: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "vocab_pad"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
@@ -78,10 +96,17 @@ class GPTConfig(_DictMixin):
         _check_choice("dtype", self.dtype, _DTYPES)
         _check_choice("param_dtype", self.param_dtype, _DTYPES)
         _check_choice("matmul_precision", self.matmul_precision, _PRECISIONS)
+        _check_choice("attention", self.attention, ATTENTIONS)
+        _check_choice("remat", self.remat, REMATS)
 
     @property
     def head_dim(self) -> int:
         return self.emb_dim // self.n_heads
+
+    @property
+    def padded_vocab(self) -> int:
+        """Rows of the token embedding / columns of the head: vocab_size rounded up to vocab_pad."""
+        return -(-self.vocab_size // self.vocab_pad) * self.vocab_pad
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -163,9 +188,13 @@ class TrainConfig(_DictMixin):
     # PRNG behind init, dropout and sampling keys. Measured on CPU (small preset), dropout
     # masks cost the same CPU time under threefry and rbg, so the default stays JAX's own.
     prng_impl: str = "threefry2x32"
+    # Each update averages the gradients of grad_accum micro-batches of batch_size/grad_accum
+    # rows, in one compiled step (lax.scan); batch_size stays the rows per update.
+    grad_accum: int = 1
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "epochs", "eval_freq", "eval_iter", "checkpoint_every", "keep")
+        positive += ("grad_accum",)
         for name in positive + ("max_steps", "stride"):
             value = getattr(self, name)
             if value is None and name not in positive:
@@ -186,6 +215,11 @@ class TrainConfig(_DictMixin):
             raise ValueError(f"weight_decay={self.weight_decay!r} must be >= 0")
         if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1 and self.eps > 0):
             raise ValueError(f"AdamW b1={self.b1}, b2={self.b2} must be in [0, 1), eps > 0")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}; "
+                "pick a grad_accum that divides the batch size"
+            )
         if not 0.0 < self.train_ratio < 1.0:
             raise ValueError(f"train_ratio={self.train_ratio!r} must be in (0, 1)")
         _check_choice("prng_impl", self.prng_impl, _PRNG_IMPLS)

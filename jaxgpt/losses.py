@@ -33,13 +33,14 @@ def perplexity(loss: jax.Array | float) -> jax.Array:
     return jnp.exp(jnp.asarray(loss, jnp.float32))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def head_cross_entropy(
     hidden: jax.Array,
     head: jax.Array,
     targets: jax.Array,
     tied: bool = False,
     precision: jax.lax.Precision | None = None,
+    vocab: int | None = None,
 ) -> jax.Array:
     """`cross_entropy(hidden @ head, targets)` with the head fused into the loss.
 
@@ -53,27 +54,33 @@ def head_cross_entropy(
       targets: int (tokens,) token ids.
       tied: static; `head` is the (vocab, emb) embedding.
       precision: static matmul precision (`jaxgpt.model.precision(config)`).
+      vocab: static; with a padded head, the real vocabulary size: logits of the padded
+        columns are masked to -inf, so they take no probability and get no gradient.
 
     Returns:
       float32 scalar, the mean over tokens.
     """
-    return _head_ce_fwd(hidden, head, targets, tied, precision)[0]
+    return _head_ce_fwd(hidden, head, targets, tied, precision, vocab)[0]
 
 
-def _head_logits(hidden, head, tied, precision):  # (tokens, vocab) float32
+def _head_logits(hidden, head, tied, precision, vocab):  # (tokens, padded vocab) float32
     dims = (((1,), (1,)), ((), ())) if tied else (((1,), (0,)), ((), ()))
-    return jax.lax.dot_general(
+    logits = jax.lax.dot_general(
         hidden, head.astype(hidden.dtype), dims, precision, preferred_element_type=jnp.float32
     )
+    if vocab is not None and vocab < logits.shape[1]:  # a padded vocabulary
+        real = jnp.arange(logits.shape[1], dtype=jnp.int32)[None, :] < vocab  # (1, padded)
+        logits = jnp.where(real, logits, -jnp.inf)
+    return logits
 
 
-def _head_ce_fwd(hidden, head, targets, tied, precision):
+def _head_ce_fwd(hidden, head, targets, tied, precision, vocab=None):
     if hidden.ndim != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(
             f"hidden {tuple(hidden.shape)} must be (tokens, emb) and targets "
             f"{tuple(targets.shape)} (tokens,)"
         )
-    logits = _head_logits(hidden, head, tied, precision)  # (tokens, vocab)
+    logits = _head_logits(hidden, head, tied, precision, vocab)  # (tokens, vocab)
     m = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))  # (tokens, 1)
     lse = jnp.log(jnp.exp(logits - m).sum(axis=-1, keepdims=True)) + m  # (tokens, 1)
     picked = jnp.take_along_axis(logits, targets[:, None].astype(jnp.int32), axis=-1)
@@ -81,7 +88,7 @@ def _head_ce_fwd(hidden, head, targets, tied, precision):
     return loss, (hidden, head, targets, logits, lse)
 
 
-def _head_ce_bwd(tied, precision, res, g):
+def _head_ce_bwd(tied, precision, vocab, res, g):
     hidden, head, targets, logits, lse = res
     n, vocab = logits.shape
     hit = jnp.arange(vocab, dtype=jnp.int32)[None, :] == targets[:, None].astype(jnp.int32)

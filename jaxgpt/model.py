@@ -119,6 +119,10 @@ class MultiHeadAttention(nn.Module):
         q = self.W_query(x).reshape(b, s, h, d)
         k = self.W_key(x).reshape(b, s, h, d)
         v = self.W_value(x).reshape(b, s, h, d)
+        impl = "book" if kv is not None else _attention_impl(cfg, deterministic)
+        if impl != "book":  # full causal sequence: positions are 0..s-1 in every row
+            ctx = _fused_attention(q, k, v, impl)  # (batch, seq, heads, head_dim)
+            return self.out_proj(ctx.reshape(b, s, h * d)), None
         if kv is None:
             keys, values, key_pos = k, v, positions  # (batch, seq, heads, head_dim), (batch, seq)
         else:
@@ -139,6 +143,26 @@ class MultiHeadAttention(nn.Module):
             "bhst,bthd->bshd", weights.astype(q.dtype), values.astype(q.dtype), precision=prec
         )
         return self.out_proj(ctx.reshape(b, s, h * d)), kv  # (batch, seq, emb)
+
+
+def _attention_impl(cfg: GPTConfig, deterministic: bool) -> str:
+    """The attention implementation of the full-sequence path: "book", "xla" or "cudnn"."""
+    if cfg.attention != "auto":
+        return cfg.attention
+    if not deterministic and cfg.drop_rate > 0:
+        return "book"  # dropout on attention weights needs the weights: no fused kernel
+    head_ok = cfg.head_dim <= 128 and cfg.head_dim % 8 == 0
+    if jax.default_backend() == "gpu" and cfg.dtype != "float32" and head_ok:
+        return "cudnn"  # cuDNN flash attention: 16-bit inputs, head_dim <= 128, multiple of 8
+    return "xla"
+
+
+def _fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str) -> jax.Array:
+    """Causal softmax(q k^T / sqrt(head_dim)) v via jax.nn.dot_product_attention.
+
+    q, k, v: (batch, seq, heads, head_dim), one dtype; softmax runs in float32 inside.
+    """
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
 
 
 class FeedForward(nn.Module):
@@ -182,6 +206,22 @@ class TransformerBlock(nn.Module):
         return x, kv
 
 
+def _block_class(cfg: GPTConfig) -> type[TransformerBlock]:
+    """TransformerBlock, wrapped in nn.remat with the config's policy when asked."""
+    if cfg.remat == "none":
+        return TransformerBlock
+    policies = jax.checkpoint_policies
+    if cfg.remat == "block":
+        policy = policies.nothing_saveable
+    else:
+        policy = policies.dots_with_no_batch_dims_saveable
+    # static_argnums counts `self` as 0: `deterministic` (argument 4) is a Python bool.
+    # Inside nn.scan the loop already keeps XLA from merging the recomputation away.
+    return nn.remat(
+        TransformerBlock, static_argnums=(4,), policy=policy, prevent_cse=not cfg.scan_layers
+    )
+
+
 class GPT(nn.Module):
     """GPT-2 language model returning logits (batch, seq, vocab_size)."""
 
@@ -194,13 +234,25 @@ class GPT(nn.Module):
         embed = dict(
             embedding_init=nn.initializers.normal(std), dtype=jnp.dtype(cfg.dtype), param_dtype=pdt
         )
-        self.tok_emb = nn.Embed(cfg.vocab_size, cfg.emb_dim, **embed)
+        self.tok_emb = nn.Embed(cfg.padded_vocab, cfg.emb_dim, **embed)
         self.pos_emb = nn.Embed(cfg.context_length, cfg.emb_dim, **embed)
         self.drop_emb = nn.Dropout(cfg.drop_rate)
-        self.trf_blocks = [TransformerBlock(cfg) for _ in range(cfg.n_layers)]
+        block = _block_class(cfg)
+        if cfg.scan_layers:
+            # One block body scanned over a leading layer axis of every block param; each
+            # layer draws its own dropout masks. Broadcast: positions, kv (None), deterministic.
+            self.trf_blocks = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.n_layers,
+            )(cfg)
+        else:
+            self.trf_blocks = [block(cfg) for _ in range(cfg.n_layers)]
         self.final_norm = LayerNorm(param_dtype=pdt)
         if not cfg.tie_embeddings:
-            self.out_head = _dense(cfg, cfg.emb_dim, cfg.vocab_size, use_bias=False)
+            self.out_head = _dense(cfg, cfg.emb_dim, cfg.padded_vocab, use_bias=False)
 
     def __call__(self, ids: jax.Array, deterministic: bool = True) -> jax.Array:
         """Full causal forward pass.
@@ -241,6 +293,11 @@ class GPT(nn.Module):
           logits (batch, seq, vocab_size) and the cache with these tokens written in.
         """
         _check_ids(ids, self.config)
+        if self.config.scan_layers:
+            raise ValueError(
+                "cached decoding runs on unrolled layers; pass unstack_blocks(params) with "
+                "config.replace(scan_layers=False) (jaxgpt.generate does this itself)"
+            )
         if len(cache) != self.config.n_layers:
             raise ValueError(f"cache has {len(cache)} layers; config has {self.config.n_layers}")
         x, cache = self._forward(ids, positions, cache, True)
@@ -252,20 +309,26 @@ class GPT(nn.Module):
         x = self.tok_emb(ids) + self.pos_emb(positions)  # (batch, seq, emb)
         x = self.drop_emb(x, deterministic=deterministic)
         new_cache = []
-        for i, block in enumerate(self.trf_blocks):
+        if self.config.scan_layers:  # full sequence only (decode refuses scanned layers)
+            x, _ = self.trf_blocks(x, positions, None, deterministic)
+        for i, block in enumerate([] if self.config.scan_layers else self.trf_blocks):
             x, kv = block(x, positions, None if cache is None else cache[i], deterministic)
             new_cache.append(kv)
         return self.final_norm(x), (None if cache is None else new_cache)
 
     def _head(self, x: jax.Array) -> jax.Array:
-        """(batch, seq, emb) -> logits (batch, seq, vocab), one 2-D matmul over the tokens."""
+        """(batch, seq, emb) -> logits (batch, seq, vocab), one 2-D matmul over the tokens.
+
+        A padded vocabulary's extra columns are sliced off: callers never see them.
+        """
+        vocab = self.config.vocab_size
         if not self.config.tie_embeddings:
-            return self.out_head(x)
+            return self.out_head(x)[..., :vocab]
         b, s, e = x.shape
         prec = _PRECISION[self.config.matmul_precision]
-        emb = self.tok_emb.embedding.astype(x.dtype)  # (vocab, emb)
+        emb = self.tok_emb.embedding.astype(x.dtype)  # (padded vocab, emb)
         logits = jax.lax.dot_general(x.reshape(b * s, e), emb, (((1,), (1,)), ((), ())), prec)
-        return logits.reshape(b, s, -1)  # (batch, seq, vocab)
+        return logits.reshape(b, s, -1)[..., :vocab]  # (batch, seq, vocab)
 
 
 def _check_ids(ids: jax.Array, cfg: GPTConfig) -> tuple[int, int]:
@@ -295,9 +358,14 @@ def precision(config: GPTConfig) -> jax.lax.Precision:
 
 
 def init_params(config: GPTConfig, key: jax.Array) -> Params:
-    """Fresh parameters for `config` (a plain nested dict), drawn from `key`."""
+    """Fresh parameters for `config` (a plain nested dict), drawn from `key`.
+
+    Scanned layers get the unrolled model's values, stacked, and a padded vocabulary gets zero
+    padding: the same key gives the same model whatever the layout.
+    """
     ids = jnp.zeros((1, 1), jnp.int32)
-    return jax.jit(lambda k: GPT(config).init(k, ids)["params"])(key)
+    canonical = config.replace(scan_layers=False, vocab_pad=1)
+    return jax.jit(lambda k: to_layout(GPT(canonical).init(k, ids)["params"], config))(key)
 
 
 def init_cache(
@@ -341,3 +409,88 @@ def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
 def count_params(params: Params) -> int:
     """Total number of scalars in a params pytree."""
     return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer layouts: unrolled `trf_blocks_N/...` (canonical, on disk) and scanned `trf_blocks/...`
+
+
+def _has_stacked(node: Any) -> bool:
+    return isinstance(node, Mapping) and "trf_blocks" in node
+
+
+def _has_unrolled(node: Any) -> bool:
+    return isinstance(node, Mapping) and "trf_blocks_0" in node
+
+
+def stack_blocks(tree: Any) -> Any:
+    """Unrolled -> scanned layout: every dict holding `trf_blocks_0..N-1` gets one `trf_blocks`
+    whose leaves stack the N layers on a leading axis. Works on params and on optimizer
+    states (whose moments mirror the params); other nodes pass through."""
+
+    def stack(node: Any) -> Any:
+        if not _has_unrolled(node):
+            return node
+        n = sum(1 for k in node if k.startswith("trf_blocks_"))
+        layers = [node[f"trf_blocks_{i}"] for i in range(n)]
+        rest = {k: v for k, v in node.items() if not k.startswith("trf_blocks_")}
+        return {**rest, "trf_blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+
+    return jax.tree.map(stack, tree, is_leaf=_has_unrolled)
+
+
+def unstack_blocks(tree: Any) -> Any:
+    """Scanned -> unrolled layout, the inverse of `stack_blocks`."""
+
+    def unstack(node: Any) -> Any:
+        if not _has_stacked(node):
+            return node
+        stacked = node["trf_blocks"]
+        n = jax.tree.leaves(stacked)[0].shape[0]  # leading layer axis
+        rest = {k: v for k, v in node.items() if k != "trf_blocks"}
+        layers = {f"trf_blocks_{i}": jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)}
+        return {**rest, **layers}
+
+    return jax.tree.map(unstack, tree, is_leaf=_has_stacked)
+
+
+def fit_vocab(tree: Any, vocab: int) -> Any:
+    """Token embedding rows and head columns cut or zero-padded to `vocab`, in params or in an
+    optimizer state's moments (every dict holding `tok_emb` / `out_head`)."""
+
+    def resize(a: Any, axis: int) -> Any:
+        if not hasattr(a, "shape") or a.shape[axis] == vocab:
+            return a  # e.g. optax.MaskedNode in a masked state
+        if a.shape[axis] > vocab:
+            return jax.lax.slice_in_dim(a, 0, vocab, axis=axis)
+        pad = [(0, 0)] * a.ndim
+        pad[axis] = (0, vocab - a.shape[axis])
+        return jnp.pad(a, pad)
+
+    def fit(node: Any) -> Any:
+        if not _has_vocab(node):
+            return node
+        out = dict(node)
+        for name, leaf, axis in (("tok_emb", "embedding", 0), ("out_head", "kernel", 1)):
+            sub = node.get(name)
+            if isinstance(sub, Mapping) and leaf in sub:
+                out[name] = {**sub, leaf: resize(sub[leaf], axis)}
+        return out
+
+    return jax.tree.map(fit, tree, is_leaf=_has_vocab)
+
+
+def _has_vocab(node: Any) -> bool:
+    return isinstance(node, Mapping) and ("tok_emb" in node or "out_head" in node)
+
+
+def to_layout(tree: Any, config: GPTConfig) -> Any:
+    """Params (or an optimizer state) of any layout in the one `GPT(config)` expects: layers
+    stacked or not, vocabulary padded to `config.padded_vocab` or not."""
+    tree = fit_vocab(tree, config.padded_vocab)
+    return stack_blocks(tree) if config.scan_layers else unstack_blocks(tree)
+
+
+def to_canonical(tree: Any, config: GPTConfig) -> Any:
+    """The interchange layout (other formats): unrolled layers, no vocabulary padding."""
+    return fit_vocab(unstack_blocks(tree), config.vocab_size)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.model import GPT, Cache, Params, init_cache
+from jaxgpt.model import GPT, Cache, Params, init_cache, unstack_blocks
 
 _MIN_SEQ_BUCKET = 8
 
@@ -451,6 +451,7 @@ def generate(
     prompts = [[int(t) for t in p] for p in prompts]
     if max_new_tokens == 0:
         return prompts
+    params, config = unstack_blocks(params), config.replace(scan_layers=False)  # KV cache: unrolled
     ctx = config.context_length
     conds = [p[-ctx:] for p in prompts]  # the book's idx[:, -context_size:]
     max_len = max(len(c) for c in conds)

@@ -31,8 +31,11 @@ EventFn = Callable[[str, dict[str, Any]], None]
 # Settings a resumed run may change: they do not alter the state or the batches it sees.
 RESUMABLE_CHANGES = frozenset(
     {"epochs", "max_steps", "eval_freq", "eval_iter", "checkpoint_every", "keep",
-     "start_context", "sample_tokens", "out", "cache_dir", "data_url", "compile_cache"}
+     "start_context", "sample_tokens", "out", "cache_dir", "data_url", "compile_cache",
+     "grad_accum"}
 )  # fmt: skip
+# Model settings a resumed run may change: how the same model is computed, not what it is.
+MODEL_RESUMABLE_CHANGES = ("attention", "scan_layers", "remat")
 
 
 @struct.dataclass
@@ -88,22 +91,48 @@ def _loss(config: GPTConfig, params: Params, batch: Batch, key: jax.Array | None
         y.reshape(b * s),
         config.tie_embeddings,
         precision(config),
+        config.vocab_size,  # masks a padded vocabulary's extra columns
     )
 
 
+def loss_and_grads(
+    config: GPTConfig, params: Params, batch: Batch, key: jax.Array, grad_accum: int = 1
+) -> tuple[jax.Array, Params]:
+    """Mean token loss of `batch` and its gradient, over `grad_accum` micro-batches.
+
+    The batch (batch, seq) is cut into grad_accum micro-batches of batch/grad_accum consecutive
+    rows; a `lax.scan` sums their losses and gradients and divides by grad_accum. Every
+    micro-batch has the same number of tokens, so this is the full batch's mean. Micro-batch i
+    draws dropout from fold_in(key, i); grad_accum=1 uses `key` itself (the plain step).
+    """
+    if grad_accum == 1:
+        return jax.value_and_grad(lambda p: _loss(config, p, batch, key))(params)
+
+    def micro(carry: tuple, xs: tuple) -> tuple[tuple, None]:
+        i, mb = xs  # mb: (batch / grad_accum, seq) inputs and targets
+        k = jax.random.fold_in(key, i)
+        loss, grads = jax.value_and_grad(lambda p: _loss(config, p, mb, k))(params)
+        return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+    split = lambda a: a.reshape(grad_accum, a.shape[0] // grad_accum, *a.shape[1:])  # noqa: E731
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    xs = (jnp.arange(grad_accum), jax.tree.map(split, tuple(batch)))
+    (loss, grads), _ = jax.lax.scan(micro, zeros, xs)
+    return loss / grad_accum, jax.tree.map(lambda g: g / grad_accum, grads)
+
+
 def make_train_step(
-    config: GPTConfig, tx: optax.GradientTransformation
+    config: GPTConfig, tx: optax.GradientTransformation, grad_accum: int = 1
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """A jitted pure `train_step(state, batch) -> (state, metrics)`; `state` is donated.
 
     metrics: float32 scalars `loss` (before the update), `grad_norm` (before clipping), `lr`.
+    `grad_accum` > 1 averages the gradients of that many micro-batches (`loss_and_grads`).
     """
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         dropout_key = jax.random.fold_in(state.key, state.step)
-        loss, grads = jax.value_and_grad(lambda p: _loss(config, p, batch, dropout_key))(
-            state.params
-        )
+        loss, grads = loss_and_grads(config, state.params, batch, dropout_key, grad_accum)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
@@ -225,6 +254,7 @@ def _check_run_dir(run_dir: Path, config: GPTConfig, tc: TrainConfig, resume: bo
     if not has_ckpt:
         raise ValueError(f"no checkpoint to resume in {str(run_dir)!r}; start without --resume")
     saved_model, saved_tc = checkpoint.load_run_config(run_dir)
+    saved_model = saved_model.replace(**{k: getattr(config, k) for k in MODEL_RESUMABLE_CHANGES})
     changed = [k for k, v in tc.to_dict().items() if getattr(saved_tc, k) != v]
     changed = [k for k in changed if k not in RESUMABLE_CHANGES]
     if saved_model != config or changed:
@@ -345,7 +375,8 @@ def fit(
             run = _prepare(config, tc, resume, on_event)
             tx = make_optimizer(tc, run.total_steps)
             state = _start_state(run, tx, resume)
-            train_step, eval_step = make_train_step(config, tx), make_eval_step(config)
+            train_step = make_train_step(config, tx, tc.grad_accum)
+            eval_step = make_eval_step(config)
         run.on_event("start", _start_info(run, state))
         if int(state.step) == 0:
             with timer.phase("eval"):

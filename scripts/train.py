@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from jaxgpt.checkpoint import CONFIG_FILE, load_run_config
-from jaxgpt.config import PRESETS, GPTConfig, TrainConfig, get_preset
+from jaxgpt.config import ATTENTIONS, PRESETS, REMATS, GPTConfig, TrainConfig, get_preset
 from jaxgpt.train import enable_compile_cache, fit
 
 DEFAULT_MODEL = "small"
@@ -26,6 +26,27 @@ MODEL_FLAGS = {
     "n_layers": "number of transformer blocks",
     "n_heads": "attention heads (must divide --emb-dim)",
     "drop_rate": "dropout rate",
+    "vocab_pad": "pad the embedding and head to a multiple of this many tokens (64: 50257 -> "
+    "50304); padded logits are masked out of the loss and the sampler",
+}
+# Accelerator switches (GPTConfig fields; None keeps the preset's value): flag -> (choices, help).
+ACCEL_FLAGS = {
+    "dtype": (
+        ("float32", "bfloat16"),
+        "activations and matmul inputs; bfloat16 is mixed precision: params, optimizer state, "
+        "LayerNorm, softmax and the loss stay float32 (default: float32, the book)",
+    ),
+    "attention": (
+        ATTENTIONS,
+        "attention: book (masked softmax, the reference), xla or cudnn "
+        "(jax.nn.dot_product_attention; no dropout on attention weights), auto (book while "
+        "dropout is on, else cudnn on GPU in 16-bit, else xla) (default: book)",
+    ),
+    "remat": (
+        REMATS,
+        "recompute each block in the backward pass: block (keep only its input) or dots "
+        "(keep matmul outputs) (default: none)",
+    ),
 }
 TRAIN_HELP = {
     "data": 'corpus: "pydoc" (Python docs, offline), "the-verdict" (the book\'s, downloaded '
@@ -58,6 +79,8 @@ TRAIN_HELP = {
     "compile_cache": "keep compiled programs in CACHE_DIR/xla so the next run does not compile "
     "again",
     "prng_impl": "JAX PRNG for init, dropout and sampling: threefry2x32, rbg or unsafe_rbg",
+    "grad_accum": "average the gradients of this many micro-batches of batch-size/K rows per "
+    "update, in one compiled step",
 }
 
 
@@ -82,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in MODEL_FLAGS.items():
         kind = float if name == "drop_rate" else int
         p.add_argument(_flag(name), type=kind, help=f"{text} (default: the preset's)")
+    for name, (choices, text) in ACCEL_FLAGS.items():
+        p.add_argument(_flag(name), choices=choices, help=text)
+    p.add_argument(
+        "--scan-layers",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the blocks as one nn.scan over stacked params (compile time independent of "
+        "depth; checkpoints stay in the unrolled layout)",
+    )
     for f in dataclasses.fields(TrainConfig):
         kind = _field_type(f)
         if kind is bool and f.default:
@@ -113,9 +145,8 @@ def configs(
         base = get_preset(args.model)
     else:
         base = saved[0] if saved else get_preset(DEFAULT_MODEL)
-    model = base.replace(
-        **{k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
-    )
+    names = [*MODEL_FLAGS, *ACCEL_FLAGS, "scan_layers"]
+    model = base.replace(**{k: getattr(args, k) for k in names if getattr(args, k) is not None})
     train = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     return model, train
 

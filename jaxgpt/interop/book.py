@@ -155,7 +155,7 @@ def to_book_state_dict(config: GPTConfig, params: Params) -> dict[str, np.ndarra
     Includes the causal-mask buffers (`att.mask`, ones above the diagonal); a tied head is
     written as a copy of the embedding since the book's model has a separate `out_head`.
     """
-    flat = to_numpy(params)
+    flat = to_numpy(params, config)  # unrolled, vocabulary padding cut off
     if config.tie_embeddings:
         flat["out_head/kernel"] = flat["tok_emb/embedding"].T
     mask = np.triu(np.ones((config.context_length,) * 2, np.float32), k=1)  # (ctx, ctx)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgpt.config import PRESETS, GPTConfig, get_preset
-from jaxgpt.model import GPT, Params
+from jaxgpt.model import GPT, Params, to_canonical, to_layout, unstack_blocks
 from jaxgpt.model import flatten_params as flatten
 from jaxgpt.model import unflatten_params as unflatten
 
@@ -23,15 +23,19 @@ _SHAPE_FIELDS = ("vocab_size", "context_length", "emb_dim", "n_layers", "qkv_bia
 
 
 def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """{flat param path: shape} of `GPT(config)`, from abstract evaluation (no compute)."""
+    """{flat param path: shape} of `GPT(config)` in the file layout (unrolled layers, no
+    vocabulary padding), from abstract evaluation (no compute)."""
     ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    tree = jax.eval_shape(lambda k, x: GPT(config).init(k, x)["params"], jax.random.key(0), ids)
+    canonical = GPT(config.replace(scan_layers=False, vocab_pad=1))
+    tree = jax.eval_shape(lambda k, x: canonical.init(k, x)["params"], jax.random.key(0), ids)
     return {path: tuple(leaf.shape) for path, leaf in flatten(tree).items()}
 
 
-def to_numpy(params: Params) -> Flat:
-    """Flat NumPy copy of a params pytree (float32 unless stored otherwise)."""
-    return {k: np.asarray(v) for k, v in flatten(params).items()}
+def to_numpy(params: Params, config: GPTConfig | None = None) -> Flat:
+    """Flat NumPy copy of a params pytree (float32 unless stored otherwise), layers unrolled;
+    with `config`, a padded vocabulary is cut back to `config.vocab_size` (for export)."""
+    tree = unstack_blocks(params) if config is None else to_canonical(params, config)
+    return {k: np.asarray(v) for k, v in flatten(tree).items()}
 
 
 def _names(keys: Iterable[str], limit: int = 8) -> str:
@@ -50,7 +54,8 @@ def check_unused(leftover: Iterable[str], source: str) -> None:
 
 
 def build_params(flat: Flat, config: GPTConfig, source: str) -> Params:
-    """Validate a flat jaxgpt dict against `config` and return the nested params pytree."""
+    """Validate a flat jaxgpt dict (unrolled layers) against `config` and return the nested
+    params pytree in the config's layout."""
     want = expected_shapes(config)
     missing, extra = set(want) - set(flat), set(flat) - set(want)
     if missing or extra:
@@ -61,7 +66,7 @@ def build_params(flat: Flat, config: GPTConfig, source: str) -> Params:
     if bad:
         raise ValueError(f"{source}: shapes disagree with the config: {_names(bad, 4)}")
     dtype = jnp.dtype(config.param_dtype)
-    return unflatten({k: jnp.asarray(v, dtype) for k, v in flat.items()})
+    return to_layout(unflatten({k: jnp.asarray(v, dtype) for k, v in flat.items()}), config)
 
 
 def preset_heads(emb_dim: int) -> int:

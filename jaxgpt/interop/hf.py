@@ -216,7 +216,7 @@ def to_hf_state_dict(config: GPTConfig, params: Params) -> dict[str, np.ndarray]
     Without QKV bias, `c_attn.bias` is written as zeros (HF's GPT-2 always has it); a tied
     head writes no `lm_head.weight` (HF re-ties it), an untied one writes (vocab, emb).
     """
-    flat = to_numpy(params)
+    flat = to_numpy(params, config)  # unrolled, vocabulary padding cut off
     sd = {f"transformer.{src}": flat[dst] for src, dst in _TOP.items()}
     for i in range(config.n_layers):
         p, q = f"transformer.h.{i}.", f"trf_blocks_{i}"

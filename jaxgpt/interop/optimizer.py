@@ -22,7 +22,7 @@ from jaxgpt.config import GPTConfig, TrainConfig
 from jaxgpt.interop.book import book_key, from_book_state_dict, read_book_file
 from jaxgpt.interop.common import ConfigLike, expected_shapes, unflatten
 from jaxgpt.interop.tensors import as_numpy
-from jaxgpt.model import Params
+from jaxgpt.model import Params, to_layout
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +95,8 @@ def adamw_from_torch(
         raise ValueError(f"params were updated different numbers of times: {sorted(steps)}")
     return AdamWMoments(
         count=steps.pop() if steps else 0,
-        mu=unflatten(mu),
-        nu=unflatten(nu),
+        mu=to_layout(unflatten(mu), config),
+        nu=to_layout(unflatten(nu), config),
         lr=float(group["lr"]),
         betas=tuple(float(b) for b in group["betas"]),  # type: ignore[arg-type]
         eps=float(group["eps"]),

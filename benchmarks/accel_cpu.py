@@ -1,0 +1,94 @@
+"""What the layer switches buy, measured without running a step (so it works on a CPU):
+compile time of the train step with unrolled vs scanned layers, and the compiled step's peak
+temporary memory (XLA's memory analysis) with and without rematerialisation.
+
+    python benchmarks/accel_cpu.py                     # gpt2-xl compile, gpt2 memory
+    python benchmarks/accel_cpu.py --compile-model gpt2 --skip-memory
+
+Prints one JSON line per result and writes them all to benchmarks/results/accel_cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from machine import machine  # benchmarks/machine.py (run as a script: its folder is on sys.path)
+
+from jaxgpt.config import GPTConfig, TrainConfig, get_preset
+from jaxgpt.optim import make_optimizer
+from jaxgpt.train import init_train_state, make_train_step
+
+RESULTS = Path(__file__).resolve().parent / "results" / "accel_cpu.json"
+
+
+def compiled_step(cfg: GPTConfig, batch: int) -> tuple[float, float, jax.stages.Compiled]:
+    """(lower seconds, compile seconds, compiled) of the jitted train step, from shapes only."""
+    tx = make_optimizer(TrainConfig(batch_size=batch), 1000)
+    state = jax.eval_shape(lambda: init_train_state(cfg, tx, jax.random.key(0)))
+    ids = jax.ShapeDtypeStruct((batch, cfg.context_length), jnp.int32)
+    step = make_train_step(cfg, tx)
+    t0 = time.perf_counter()
+    lowered = step.lower(state, (ids, ids))
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    return t1 - t0, time.perf_counter() - t1, compiled
+
+
+def compile_times(model: str, batch: int) -> list[dict]:
+    rows = []
+    for scan in (False, True):
+        cfg = get_preset(model).replace(scan_layers=scan)
+        lower_s, compile_s, _ = compiled_step(cfg, batch)
+        rows.append(
+            {"what": "compile_time", "model": model, "scan_layers": scan, "batch": batch,
+             "lower_s": round(lower_s, 2), "compile_s": round(compile_s, 2),
+             "total_s": round(lower_s + compile_s, 2)}
+        )  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def remat_memory(model: str, batch: int, dtype: str) -> list[dict]:
+    rows = []
+    for scan in (False, True):
+        for remat in ("none", "block", "dots"):
+            cfg = get_preset(model).replace(scan_layers=scan, remat=remat, dtype=dtype)
+            _, _, compiled = compiled_step(cfg, batch)
+            mem = compiled.memory_analysis()
+            rows.append(
+                {"what": "step_memory", "model": model, "dtype": dtype, "batch": batch,
+                 "seq": cfg.context_length, "scan_layers": scan, "remat": remat,
+                 "temp_mib": round(mem.temp_size_in_bytes / 2**20, 1),
+                 "argument_mib": round(mem.argument_size_in_bytes / 2**20, 1)}
+            )  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--compile-model", default="gpt2-xl")
+    p.add_argument("--compile-batch", type=int, default=1)
+    p.add_argument("--memory-model", default="gpt2")
+    p.add_argument("--memory-batch", type=int, default=8)
+    p.add_argument("--memory-dtype", default="float32")
+    p.add_argument("--skip-compile", action="store_true")
+    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args()
+    info = {**machine(), "backend": jax.default_backend()}
+    print(json.dumps(info), flush=True)
+    rows = [] if args.skip_compile else compile_times(args.compile_model, args.compile_batch)
+    if not args.skip_memory:
+        rows += remat_memory(args.memory_model, args.memory_batch, args.memory_dtype)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": info, "results": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
