@@ -13,6 +13,7 @@ measured in the same run, on GPU the datasheet figure.
     python benchmarks/bench_train_step.py                          # small 8x128 and book-124m 2x256
     python benchmarks/bench_train_step.py --config gpt2:1 --torch-compile
     python benchmarks/bench_train_step.py --config small:8 --profile   # where the time goes
+    python benchmarks/bench_train_step.py --device gpu --batch 16      # benchmarks/gpu_step.py
 """
 
 from __future__ import annotations
@@ -228,7 +229,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--torch-compile", action="store_true", help="add torch.compile (slow start)")
     ap.add_argument("--profile", action="store_true", help="trace jaxgpt's step; print top ops")
     ap.add_argument("--out", default="benchmarks/results/train_step.json")
-    args = ap.parse_args(argv)
+    ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                    help="gpu: gpt2 124M in bf16, each accelerator switch on and off "
+                    "(benchmarks/gpu_step.py; its own flags follow)")  # fmt: skip
+    args, rest = ap.parse_known_args(argv)
+    if args.device == "gpu":
+        import gpu_step
+
+        return gpu_step.main(rest)
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         configs = _parse_configs(args.config or list(DEFAULT_CONFIGS))
     except ValueError as e:
