@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jaxgpt.config import GPTConfig
 
 Params = Any  # nested dict of arrays, as returned by GPT(cfg).init(...)["params"]
-Cache = list[dict[str, jax.Array]]  # per layer {"k", "v"}: (batch, cache, heads, head_dim)
+Cache = list[dict[str, jax.Array]]  # per layer {"k", "v"}: (batch, heads, cache, head_dim)
 
 _PRECISION = {
     "default": jax.lax.Precision.DEFAULT,
@@ -110,7 +110,7 @@ class MultiHeadAttention(nn.Module):
         self,
         x: jax.Array,  # (batch, seq, emb)
         positions: jax.Array,  # (batch, seq) int32, absolute position of each token
-        kv: dict[str, jax.Array] | None,  # {"k", "v"}: (batch, cache, heads, head_dim)
+        kv: dict[str, jax.Array] | None,  # {"k", "v"}: (batch, heads, cache, head_dim)
         deterministic: bool,
     ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         cfg = self.config
@@ -119,17 +119,11 @@ class MultiHeadAttention(nn.Module):
         q = self.W_query(x).reshape(b, s, h, d)
         k = self.W_key(x).reshape(b, s, h, d)
         v = self.W_value(x).reshape(b, s, h, d)
-        if kv is None:
-            keys, values, key_pos = k, v, positions  # (batch, seq, heads, head_dim), (batch, seq)
-        else:
-            # Write this step's keys/values at their absolute positions, then attend to
-            # the whole cache; slots past a row's position are masked below.
-            rows = jnp.arange(b)[:, None]  # (batch, 1)
-            keys = kv["k"].at[rows, positions].set(k.astype(kv["k"].dtype))
-            values = kv["v"].at[rows, positions].set(v.astype(kv["v"].dtype))
-            kv = {"k": keys, "v": values}
-            key_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (b, keys.shape[1]))
         prec = _PRECISION[cfg.matmul_precision]
+        if kv is not None:
+            ctx, kv = _cached_attention(q, k, v, positions, kv, prec)  # (batch, seq, heads, d)
+            return self.out_proj(ctx.reshape(b, s, h * d)), kv
+        keys, values, key_pos = k, v, positions  # (batch, seq, heads, head_dim), (batch, seq)
         scores = jnp.einsum("bshd,bthd->bhst", q, keys.astype(q.dtype), precision=prec)
         causal = key_pos[:, None, None, :] <= positions[:, None, :, None]  # (batch, 1, seq, t)
         # Softmax in fp32; masked with -inf as the book does, then scaled by 1/sqrt(head_dim).
@@ -139,6 +133,35 @@ class MultiHeadAttention(nn.Module):
             "bhst,bthd->bshd", weights.astype(q.dtype), values.astype(q.dtype), precision=prec
         )
         return self.out_proj(ctx.reshape(b, s, h * d)), kv  # (batch, seq, emb)
+
+
+def _cached_attention(
+    q: jax.Array,  # (batch, seq, heads, head_dim)
+    k: jax.Array,
+    v: jax.Array,
+    positions: jax.Array,  # (batch, seq) int32
+    kv: dict[str, jax.Array],  # {"k", "v"}: (batch, heads, cache, head_dim)
+    prec: jax.lax.Precision,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Write this step's keys/values at their absolute positions, then attend to the cache.
+
+    The cache is (batch, heads, cache, head_dim): batch and heads lead, as the attention dots
+    want them, so XLA reads it in place (a (batch, cache, heads, head_dim) cache made XLA copy a
+    transposed cache every step). Slots past a row's position are masked; fp32 softmax as the
+    full-sequence path.
+    """
+    b, s, h, d = q.shape
+    rows = jnp.arange(b)[:, None]  # (batch, 1)
+    # Advanced indices around a slice: the indexed view is (batch, seq, heads, head_dim) = k's.
+    keys = kv["k"].at[rows, :, positions].set(k.astype(kv["k"].dtype))  # (b, h, cache, d)
+    values = kv["v"].at[rows, :, positions].set(v.astype(kv["v"].dtype))
+    t = keys.shape[2]
+    scores = jnp.einsum("bshd,bhtd->bhst", q, keys.astype(q.dtype), precision=prec)
+    causal = jnp.arange(t)[None, None, None, :] <= positions[:, None, :, None]  # (b, 1, s, t)
+    scores = jnp.where(causal, scores.astype(jnp.float32), -jnp.inf) / math.sqrt(d)
+    weights = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # (batch, heads, seq, cache)
+    ctx = jnp.einsum("bhst,bhtd->bshd", weights, values.astype(q.dtype), precision=prec)
+    return ctx, {"k": keys, "v": values}
 
 
 class FeedForward(nn.Module):
@@ -233,7 +256,7 @@ class GPT(nn.Module):
 
         Args:
           ids: int (batch, seq) token ids.
-          cache: from `init_cache`, per layer {"k", "v"} of shape (batch, cache, heads, head_dim).
+          cache: from `init_cache`, per layer {"k", "v"} of shape (batch, heads, cache, head_dim).
           positions: int (batch, seq) absolute position of each token, < cache length and
             < context_length. Each token attends to cache slots at positions <= its own.
 
@@ -303,14 +326,14 @@ def init_params(config: GPTConfig, key: jax.Array) -> Params:
 def init_cache(
     config: GPTConfig, batch: int, length: int | None = None, dtype: Any = None
 ) -> Cache:
-    """Zero KV cache: per layer {"k", "v"} of shape (batch, length, heads, head_dim).
+    """Zero KV cache: per layer {"k", "v"} of shape (batch, heads, length, head_dim).
 
     `length` defaults to `context_length`; `dtype` to the config's activation dtype.
     """
     length = config.context_length if length is None else length
     if not 0 < length <= config.context_length:
         raise ValueError(f"cache length={length} must be in [1, {config.context_length}]")
-    shape = (batch, length, config.n_heads, config.head_dim)
+    shape = (batch, config.n_heads, length, config.head_dim)  # the layout attention reads
     dt = jnp.dtype(config.dtype if dtype is None else dtype)
     return [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(config.n_layers)]
 
