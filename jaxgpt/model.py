@@ -135,6 +135,13 @@ class MultiHeadAttention(nn.Module):
         return self.out_proj(ctx.reshape(b, s, h * d)), kv  # (batch, seq, emb)
 
 
+def _cache_write(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+    """cache (batch, heads, cache, head_dim) with new (batch, seq, heads, head_dim) at positions."""
+    rows = jnp.arange(new.shape[0])[:, None]  # (batch, 1)
+    # Advanced indices around a slice: the indexed view is (batch, seq, heads, head_dim).
+    return cache.at[rows, :, positions].set(new.astype(cache.dtype), mode="promise_in_bounds")
+
+
 def _cached_attention(
     q: jax.Array,  # (batch, seq, heads, head_dim)
     k: jax.Array,
@@ -151,17 +158,26 @@ def _cached_attention(
     full-sequence path.
     """
     b, s, h, d = q.shape
-    rows = jnp.arange(b)[:, None]  # (batch, 1)
-    # Advanced indices around a slice: the indexed view is (batch, seq, heads, head_dim) = k's.
-    keys = kv["k"].at[rows, :, positions].set(k.astype(kv["k"].dtype))  # (b, h, cache, d)
-    values = kv["v"].at[rows, :, positions].set(v.astype(kv["v"].dtype))
+    new_kv = {"k": _cache_write(kv["k"], k, positions), "v": _cache_write(kv["v"], v, positions)}
+    if s == 1:
+        # One token per row: attend to the cache as it was (slots < position) plus this token,
+        # so the attention does not read the updated cache. Reading it let XLA fuse the update
+        # into each reader and copy the whole cache per reader, every step.
+        keys, values, visible = kv["k"], kv["v"], jnp.less
+    else:
+        keys, values, visible = new_kv["k"], new_kv["v"], jnp.less_equal
     t = keys.shape[2]
     scores = jnp.einsum("bshd,bhtd->bhst", q, keys.astype(q.dtype), precision=prec)
-    causal = jnp.arange(t)[None, None, None, :] <= positions[:, None, :, None]  # (b, 1, s, t)
-    scores = jnp.where(causal, scores.astype(jnp.float32), -jnp.inf) / math.sqrt(d)
-    weights = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # (batch, heads, seq, cache)
-    ctx = jnp.einsum("bhst,bhtd->bshd", weights, values.astype(q.dtype), precision=prec)
-    return ctx, {"k": keys, "v": values}
+    mask = visible(jnp.arange(t)[None, None, None, :], positions[:, None, :, None])  # (b,1,s,t)
+    scores = jnp.where(mask, scores.astype(jnp.float32), -jnp.inf)
+    if s == 1:
+        own = jnp.einsum("bshd,bshd->bhs", q, k, precision=prec)[..., None]  # (b, h, 1, 1)
+        scores = jnp.concatenate([scores, own.astype(jnp.float32)], axis=-1)  # (b, h, 1, t + 1)
+    weights = jax.nn.softmax(scores / math.sqrt(d), axis=-1).astype(q.dtype)
+    ctx = jnp.einsum("bhst,bhtd->bshd", weights[..., :t], values.astype(q.dtype), precision=prec)
+    if s == 1:
+        ctx = ctx + weights[..., t].transpose(0, 2, 1)[..., None] * v  # (b, 1, h, d)
+    return ctx, new_kv
 
 
 class FeedForward(nn.Module):

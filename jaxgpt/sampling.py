@@ -205,7 +205,13 @@ def _gather_cache(cache: Cache, rows: jax.Array) -> Cache:
     return jax.tree_util.tree_map(lambda c: c[rows], cache)
 
 
-@functools.partial(jax.jit, static_argnames=("plan",))
+# XLA:CPU's copy insertion by default copies every loop-carried KV-cache tensor (up to three
+# times) each step at batch 1; the region analysis proves the in-place cache update safe.
+# Only XLA:CPU reads this option.
+_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+
+
+@functools.partial(jax.jit, static_argnames=("plan",), compiler_options=_COMPILER_OPTIONS)
 def _generate_padded(
     params: Params, tokens: jax.Array, lens: jax.Array, dyn: _Dyn, key: jax.Array, *, plan: _Plan
 ) -> tuple[jax.Array, jax.Array]:
@@ -306,6 +312,58 @@ def check_generate_args(
             raise ValueError(f"prompts[{i}] has token id {lo if lo < 0 else hi} outside [0, {v})")
 
 
+def _pack(
+    config: GPTConfig,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    eos_id: int | None,
+    num_beams: int,
+    length_penalty: float,
+) -> tuple[tuple[jax.Array, jax.Array, _Dyn], _Plan]:
+    """Bucketed, right-padded (tokens, lens, dyn) and the static plan of one `generate` call."""
+    ctx = config.context_length
+    conds = [p[-ctx:] for p in prompts]  # the book's idx[:, -context_size:]
+    max_len = max(len(c) for c in conds)
+    batch = _bucket(len(prompts))
+    prefill_len = min(_bucket(max_len, _MIN_SEQ_BUCKET), ctx)
+    need = max_len + max_new_tokens - 1  # highest position fed + 1
+    cache_len = min(_bucket(max(need, prefill_len), _MIN_SEQ_BUCKET), ctx)
+    overflow = need > cache_len
+    buf_len = _bucket(max_len + max_new_tokens, _MIN_SEQ_BUCKET)
+    if overflow:
+        buf_len = max(buf_len, ctx)
+    tokens = np.zeros((batch, buf_len), np.int32)
+    lens = np.zeros((batch,), np.int32)
+    for i, c in enumerate(conds):
+        tokens[i, : len(c)] = c
+        lens[i] = len(c)
+    use_top_p = top_p is not None and top_p < 1.0
+    plan = _Plan(
+        config=config,
+        batch=batch,
+        prefill_len=prefill_len,
+        cache_len=cache_len,
+        buf_len=buf_len,
+        overflow=overflow,
+        greedy=temperature == 0.0,
+        top_k=None if temperature == 0.0 or top_k == config.vocab_size else top_k,
+        use_top_p=use_top_p and temperature > 0.0,
+        use_eos=eos_id is not None,
+        num_beams=num_beams,
+    )
+    dyn = _Dyn(
+        n_new=jnp.int32(max_new_tokens),
+        temperature=jnp.float32(temperature),
+        top_p=jnp.float32(top_p if use_top_p else 1.0),
+        eos_id=jnp.int32(-1 if eos_id is None else eos_id),
+        length_penalty=jnp.float32(length_penalty),
+    )
+    return (jnp.asarray(tokens), jnp.asarray(lens), dyn), plan
+
+
 def generate(
     params: Params,
     config: GPTConfig,
@@ -375,47 +433,21 @@ def generate(
     prompts = [[int(t) for t in p] for p in prompts]
     if max_new_tokens == 0:
         return prompts
-    ctx = config.context_length
-    conds = [p[-ctx:] for p in prompts]  # the book's idx[:, -context_size:]
-    max_len = max(len(c) for c in conds)
-    batch = _bucket(len(prompts))
-    prefill_len = min(_bucket(max_len, _MIN_SEQ_BUCKET), ctx)
-    need = max_len + max_new_tokens - 1  # highest position fed + 1
-    cache_len = min(_bucket(max(need, prefill_len), _MIN_SEQ_BUCKET), ctx)
-    overflow = need > cache_len
-    buf_len = _bucket(max_len + max_new_tokens, _MIN_SEQ_BUCKET)
-    if overflow:
-        buf_len = max(buf_len, ctx)
-    tokens = np.zeros((batch, buf_len), np.int32)
-    lens = np.zeros((batch,), np.int32)
-    for i, c in enumerate(conds):
-        tokens[i, : len(c)] = c
-        lens[i] = len(c)
-    use_top_p = top_p is not None and top_p < 1.0
-    plan = _Plan(
-        config=config,
-        batch=batch,
-        prefill_len=prefill_len,
-        cache_len=cache_len,
-        buf_len=buf_len,
-        overflow=overflow,
-        greedy=temperature == 0.0,
-        top_k=None if temperature == 0.0 or top_k == config.vocab_size else top_k,
-        use_top_p=use_top_p and temperature > 0.0,
-        use_eos=eos_id is not None,
-        num_beams=num_beams,
-    )
-    dyn = _Dyn(
-        n_new=jnp.int32(max_new_tokens),
-        temperature=jnp.float32(temperature),
-        top_p=jnp.float32(top_p if use_top_p else 1.0),
-        eos_id=jnp.int32(-1 if eos_id is None else eos_id),
-        length_penalty=jnp.float32(length_penalty),
+    args, plan = _pack(
+        config,
+        prompts,
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        eos_id,
+        num_beams,
+        length_penalty,
     )
     key = jax.random.key(0) if key is None else key  # unused when greedy
-    out_tokens, out_lens = jax.device_get(
-        _generate_padded(params, jnp.asarray(tokens), jnp.asarray(lens), dyn, key, plan=plan)
-    )
+    out_tokens, out_lens = jax.device_get(_generate_padded(params, *args, key, plan=plan))
+    ctx = config.context_length
+    conds = [p[-ctx:] for p in prompts]
     return [
         p + out_tokens[i, len(c) : out_lens[i]].tolist()
         for i, (p, c) in enumerate(zip(prompts, conds, strict=True))
