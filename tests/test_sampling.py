@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +16,7 @@ from jaxgpt.model import GPT, init_params
 from jaxgpt.sampling import (
     _decode_one,
     _generate_padded,
+    _pack,
     _prefill,
     _window_logits,
     generate,
@@ -176,6 +179,19 @@ def test_similar_sizes_do_not_recompile(params: dict) -> None:
     generate(params, CFG, [[9, 8], [7, 6, 5, 4], [3], [1, 2, 3]], 4, eos_id=9)
     generate(params, CFG, [[1, 2], [6], [5], [4]], 6, eos_id=11)
     assert _generate_padded._cache_size() == before
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="inspects XLA:CPU's compiled HLO")
+@pytest.mark.parametrize("batch", [1, 4])
+def test_decode_loop_updates_the_cache_in_place(params: dict, batch: int) -> None:
+    # A performance guard: the compiled program may materialise each zero cache tensor once
+    # (2 per layer); without the region-analysis copy insertion XLA:CPU copied every cache
+    # tensor up to three more times per decode step (13 copies here instead of 4).
+    args, plan = _pack(CFG, [[1, 2, 3]] * batch, 5, 0.0, None, None, None, 1, 1.0)
+    hlo = _generate_padded.lower(params, *args, jax.random.key(0), plan=plan).compile().as_text()
+    shape = f"f32[{plan.batch},{CFG.n_heads},{plan.cache_len},{CFG.head_dim}]"
+    copies = re.findall(re.escape(shape) + r"\{[\d,]*\} copy\(", hlo)
+    assert len(copies) <= 2 * CFG.n_layers
 
 
 def test_zero_new_tokens_returns_prompts(params: dict) -> None:
