@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
 import json
 import os
 import re
@@ -29,6 +28,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import profiling  # benchmarks/profiling.py
 from machine import machine  # benchmarks/machine.py (run as a script: its folder is on sys.path)
 
 from jaxgpt import sampling
@@ -138,35 +138,34 @@ def hf_runner(config: GPTConfig, batch: int, n_new: int) -> Callable[[], int] | 
     return run
 
 
-# Events that wrap or wait for XLA ops rather than being ops.
-_WRAPPERS = ("ThunkExecutor", "SlinkyThreadPool", "PjRt", "Execute", "ParseArguments", "$")
-_CONTROL = re.compile(r"(while|conditional|call)(\.\d+)?$")  # span the ops they run
+# Control-flow ops span the ops they run; the runtime's argument parsing is no XLA op.
+_NOT_OPS = re.compile(r"(while|conditional|call)(\.\d+)?$|ParseArguments$")
 
 
-def _op_category(op_name: str, shape: str, vocab: int) -> str:
-    """Which part of a decode step an XLA op is, from its HLO op_name metadata or its shape."""
+def _op_category(op_name: str, what: str, vocab: int) -> str:
+    """Which part of a decode step an XLA op is, from its op_name or "opcode shape name"."""
     if "scatter" in op_name or "dynamic_update_slice" in op_name:
         return "kv-cache update"
     if "/trf_blocks_" in op_name:
         if re.search(r"/(W_query|W_key|W_value|out_proj|layers_0|layers_2)/dot_general", op_name):
             return "weight matmuls"
         return "attention" if "/att/" in op_name else "norms, gelu, residuals"
-    if "dot_general" in op_name and "GPT._forward" in op_name:
+    if "dot_general" in op_name and ("GPT._head" in op_name or "GPT._forward" in op_name):
         return "vocab head"
-    if "argmax" in op_name or "reduce" in op_name:
+    if "argmax" in op_name or "iota_reduce" in what:  # argmax: a reduce over (value, index)
         return "next-token pick"
-    if shape.startswith("dot "):  # XLA's own matrix-vector dots carry no metadata
-        return "vocab head" if shape.endswith(f",{vocab}]") else "weight matmuls"
+    if what.startswith("dot "):  # XLA's own matrix-vector dots carry no metadata
+        return "vocab head" if f",{vocab}]" in what else "weight matmuls"
     return "other"
 
 
 def _hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
-    """{instruction name: (op_name metadata, "opcode shape")} of a compiled HLO module."""
+    """{instruction name: (op_name metadata, "opcode shape name")} of a compiled HLO module."""
     ops = {}
     for m in re.finditer(r"%([\w.\-]+) = \w+(\[[\d,]*\])\S* (\w[\w\-]*)\(([^\n]*)", hlo_text):
         name, shape, opcode, rest = m.groups()
         meta = re.search(r'op_name="([^"]*)"', rest)
-        ops[name] = (meta.group(1) if meta else "", f"{opcode} {shape}")
+        ops[name] = (meta.group(1) if meta else "", f"{opcode} {shape} {name}")
     return ops
 
 
@@ -183,31 +182,26 @@ def profile_generate(
     compiled = sampling._generate_padded.lower(params, *args, key, plan=plan).compile()
     ops = _hlo_ops(compiled.as_text())
     jax.block_until_ready(compiled(params, *args, key))
-    with jax.profiler.trace(out_dir):
-        jax.block_until_ready(compiled(params, *args, key))
-    path = sorted(glob.glob(os.path.join(out_dir, "**", "*.xplane.pb"), recursive=True))[-1]
-    total: collections.Counter[str] = collections.Counter()
-    for plane in jax.profiler.ProfileData.from_file(path).planes:
-        for line in plane.lines if plane.name.startswith("/host:CPU") else []:
-            for ev in line.events if line.name != "python" else []:
-                if not ev.name.startswith(_WRAPPERS) and not _CONTROL.match(ev.name):
-                    total[ev.name] += ev.duration_ns
-    work = sum(total.values()) or 1
+    trace_dir, rows = profiling.top_ops(
+        lambda: jax.block_until_ready(compiled(params, *args, key)), 1, out_dir, top=1 << 30
+    )
+    total = {r["op"]: r["ms_per_call"] for r in rows if not _NOT_OPS.match(r["op"])}
+    work = sum(total.values()) or 1.0
     parts: collections.Counter[str] = collections.Counter()
-    for name, ns in total.items():
-        parts[_op_category(*ops.get(name, ("", "")), config.vocab_size)] += ns
-    ops = [
+    for name, ms in total.items():
+        parts[_op_category(*ops.get(name, ("", name)), config.vocab_size)] += ms
+    top_ops = [
         {
             "op": name,
-            "ms_per_token": ns / n_new / 1e6,
-            "share": ns / work,
-            "part": _op_category(*ops.get(name, ("", "")), config.vocab_size),
+            "ms_per_token": ms / n_new,
+            "share": ms / work,
+            "part": _op_category(*ops.get(name, ("", name)), config.vocab_size),
             "op_name": ops.get(name, ("", ""))[0][-80:] or ops.get(name, ("", ""))[1],
         }
-        for name, ns in total.most_common(top)
+        for name, ms in sorted(total.items(), key=lambda kv: -kv[1])[:top]
     ]
-    by_part = {k: {"ms_per_token": v / n_new / 1e6, "share": v / work} for k, v in parts.items()}
-    return {"batch": batch, "trace": path, "by_part": by_part, "top_ops": ops}
+    by_part = {k: {"ms_per_token": v / n_new, "share": v / work} for k, v in parts.items()}
+    return {"batch": batch, "trace": trace_dir, "by_part": by_part, "top_ops": top_ops}
 
 
 def print_profile(prof: dict[str, Any]) -> None:
@@ -347,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         out_dir = args.profile_dir or tempfile.mkdtemp(prefix="jaxgpt-sampling-profile-")
         for batch in batches:
-            profiles.append(profile_generate(config, batch, args.new_tokens, out_dir))
+            where_to = os.path.join(out_dir, f"batch-{batch}")
+            profiles.append(profile_generate(config, batch, args.new_tokens, where_to))
             print_profile(profiles[-1])
     info["loadavg_end"] = os.getloadavg()
     print(f"load average at start {info['loadavg_start']}, at end {info['loadavg_end']}")
