@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jaxgpt.config import GPTConfig
 
 Params = Any  # nested dict of arrays, as returned by GPT(cfg).init(...)["params"]
-Cache = list[dict[str, jax.Array]]  # per layer {"k", "v"}: (batch, cache, heads, head_dim)
+Cache = list[dict[str, jax.Array]]  # per layer {"k", "v"}: (batch, heads, cache, head_dim)
 
 _PRECISION = {
     "default": jax.lax.Precision.DEFAULT,
@@ -110,7 +110,7 @@ class MultiHeadAttention(nn.Module):
         self,
         x: jax.Array,  # (batch, seq, emb)
         positions: jax.Array,  # (batch, seq) int32, absolute position of each token
-        kv: dict[str, jax.Array] | None,  # {"k", "v"}: (batch, cache, heads, head_dim)
+        kv: dict[str, jax.Array] | None,  # {"k", "v"}: (batch, heads, cache, head_dim)
         deterministic: bool,
     ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         cfg = self.config
@@ -119,21 +119,15 @@ class MultiHeadAttention(nn.Module):
         q = self.W_query(x).reshape(b, s, h, d)
         k = self.W_key(x).reshape(b, s, h, d)
         v = self.W_value(x).reshape(b, s, h, d)
-        impl = "book" if kv is not None else _attention_impl(cfg, deterministic)
+        prec = _PRECISION[cfg.matmul_precision]
+        if kv is not None:
+            ctx, kv = _cached_attention(q, k, v, positions, kv, prec)  # (batch, seq, heads, d)
+            return self.out_proj(ctx.reshape(b, s, h * d)), kv
+        impl = _attention_impl(cfg, deterministic)
         if impl != "book":  # full causal sequence: positions are 0..s-1 in every row
             ctx = _fused_attention(q, k, v, impl)  # (batch, seq, heads, head_dim)
             return self.out_proj(ctx.reshape(b, s, h * d)), None
-        if kv is None:
-            keys, values, key_pos = k, v, positions  # (batch, seq, heads, head_dim), (batch, seq)
-        else:
-            # Write this step's keys/values at their absolute positions, then attend to
-            # the whole cache; slots past a row's position are masked below.
-            rows = jnp.arange(b)[:, None]  # (batch, 1)
-            keys = kv["k"].at[rows, positions].set(k.astype(kv["k"].dtype))
-            values = kv["v"].at[rows, positions].set(v.astype(kv["v"].dtype))
-            kv = {"k": keys, "v": values}
-            key_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (b, keys.shape[1]))
-        prec = _PRECISION[cfg.matmul_precision]
+        keys, values, key_pos = k, v, positions  # (batch, seq, heads, head_dim), (batch, seq)
         scores = jnp.einsum("bshd,bthd->bhst", q, keys.astype(q.dtype), precision=prec)
         causal = key_pos[:, None, None, :] <= positions[:, None, :, None]  # (batch, 1, seq, t)
         # Softmax in fp32; masked with -inf as the book does, then scaled by 1/sqrt(head_dim).
@@ -163,6 +157,51 @@ def _fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str) -> jax
     q, k, v: (batch, seq, heads, head_dim), one dtype; softmax runs in float32 inside.
     """
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+
+
+def _cache_write(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+    """cache (batch, heads, cache, head_dim) with new (batch, seq, heads, head_dim) at positions."""
+    rows = jnp.arange(new.shape[0])[:, None]  # (batch, 1)
+    # Advanced indices around a slice: the indexed view is (batch, seq, heads, head_dim).
+    return cache.at[rows, :, positions].set(new.astype(cache.dtype), mode="promise_in_bounds")
+
+
+def _cached_attention(
+    q: jax.Array,  # (batch, seq, heads, head_dim)
+    k: jax.Array,
+    v: jax.Array,
+    positions: jax.Array,  # (batch, seq) int32
+    kv: dict[str, jax.Array],  # {"k", "v"}: (batch, heads, cache, head_dim)
+    prec: jax.lax.Precision,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Write this step's keys/values at their absolute positions, then attend to the cache.
+
+    The cache is (batch, heads, cache, head_dim): batch and heads lead, as the attention dots
+    want them, so XLA reads it in place (a (batch, cache, heads, head_dim) cache made XLA copy a
+    transposed cache every step). Slots past a row's position are masked; fp32 softmax as the
+    full-sequence path.
+    """
+    b, s, h, d = q.shape
+    new_kv = {"k": _cache_write(kv["k"], k, positions), "v": _cache_write(kv["v"], v, positions)}
+    if s == 1:
+        # One token per row: attend to the cache as it was (slots < position) plus this token,
+        # so the attention does not read the updated cache. Reading it let XLA fuse the update
+        # into each reader and copy the whole cache per reader, every step.
+        keys, values, visible = kv["k"], kv["v"], jnp.less
+    else:
+        keys, values, visible = new_kv["k"], new_kv["v"], jnp.less_equal
+    t = keys.shape[2]
+    scores = jnp.einsum("bshd,bhtd->bhst", q, keys.astype(q.dtype), precision=prec)
+    mask = visible(jnp.arange(t)[None, None, None, :], positions[:, None, :, None])  # (b,1,s,t)
+    scores = jnp.where(mask, scores.astype(jnp.float32), -jnp.inf)
+    if s == 1:
+        own = jnp.einsum("bshd,bshd->bhs", q, k, precision=prec)[..., None]  # (b, h, 1, 1)
+        scores = jnp.concatenate([scores, own.astype(jnp.float32)], axis=-1)  # (b, h, 1, t + 1)
+    weights = jax.nn.softmax(scores / math.sqrt(d), axis=-1).astype(q.dtype)
+    ctx = jnp.einsum("bhst,bhtd->bshd", weights[..., :t], values.astype(q.dtype), precision=prec)
+    if s == 1:
+        ctx = ctx + weights[..., t].transpose(0, 2, 1)[..., None] * v  # (b, 1, h, d)
+    return ctx, new_kv
 
 
 class FeedForward(nn.Module):
@@ -285,7 +324,7 @@ class GPT(nn.Module):
 
         Args:
           ids: int (batch, seq) token ids.
-          cache: from `init_cache`, per layer {"k", "v"} of shape (batch, cache, heads, head_dim).
+          cache: from `init_cache`, per layer {"k", "v"} of shape (batch, heads, cache, head_dim).
           positions: int (batch, seq) absolute position of each token, < cache length and
             < context_length. Each token attends to cache slots at positions <= its own.
 
@@ -371,14 +410,14 @@ def init_params(config: GPTConfig, key: jax.Array) -> Params:
 def init_cache(
     config: GPTConfig, batch: int, length: int | None = None, dtype: Any = None
 ) -> Cache:
-    """Zero KV cache: per layer {"k", "v"} of shape (batch, length, heads, head_dim).
+    """Zero KV cache: per layer {"k", "v"} of shape (batch, heads, length, head_dim).
 
     `length` defaults to `context_length`; `dtype` to the config's activation dtype.
     """
     length = config.context_length if length is None else length
     if not 0 < length <= config.context_length:
         raise ValueError(f"cache length={length} must be in [1, {config.context_length}]")
-    shape = (batch, length, config.n_heads, config.head_dim)
+    shape = (batch, config.n_heads, length, config.head_dim)  # the layout attention reads
     dt = jnp.dtype(config.dtype if dtype is None else dtype)
     return [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(config.n_layers)]
 

@@ -1,7 +1,8 @@
-"""Text generation on a KV cache: greedy, temperature, top-k, top-p, end-of-text stop, beam search.
+"""Text generation on a KV cache: greedy, temperature, top-k, top-p, end-of-text stop.
 
 The whole decode runs as one compiled XLA program per shape bucket: prefill the prompts once,
 then one token per step inside `lax.while_loop`, with the cache carried through the loop.
+Beam search (`num_beams > 1`) plugs its own state update into the same loop (`jaxgpt.beam`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgpt import beam
 from jaxgpt.config import GPTConfig
 from jaxgpt.model import GPT, Cache, Params, init_cache, unstack_blocks
 
@@ -195,74 +197,6 @@ def _sample_update(
     return _SampleState(tokens, lens, done, st.step + 1, st.key), None
 
 
-class _BeamState(NamedTuple):
-    tokens: jax.Array  # (rows = batch * beams, buf) running beams
-    lens: jax.Array  # (rows,)
-    sums: jax.Array  # (batch, beams) float32 sum of log-probabilities of the new tokens
-    pool_tokens: jax.Array  # (batch, beams, buf) finished hypotheses (ended at eos)
-    pool_lens: jax.Array  # (batch, beams)
-    pool_scores: jax.Array  # (batch, beams) normalised scores, -inf when empty
-    done: jax.Array  # (batch,) no running beam can beat the best finished one
-    step: jax.Array  # () int32
-
-
-def _beam_update(
-    st: _BeamState, logits: jax.Array, plan: _Plan, dyn: _Dyn
-) -> tuple[_BeamState, jax.Array]:
-    b, k, v = plan.batch, plan.num_beams, plan.config.vocab_size
-    logp = jax.nn.log_softmax(logits, axis=-1).reshape(b, k, v)
-    cand = (st.sums[:, :, None] + logp).reshape(b, k * v)
-    # 2k candidates: each beam adds at most one eos candidate, so >= k of them continue.
-    vals, idx = jax.lax.top_k(cand, 2 * k)  # (batch, 2k)
-    parent = idx // v + (jnp.arange(b) * k)[:, None]  # (batch, 2k) row of the parent beam
-    tok = (idx % v).astype(jnp.int32)
-    gen_len = (st.step + 1).astype(jnp.float32)
-    seqs = st.tokens[parent]  # (batch, 2k, buf)
-    lens = st.lens[parent]  # (batch, 2k)
-    seqs = jax.vmap(jax.vmap(lambda s, n, t: s.at[n].set(t, mode="drop")))(seqs, lens, tok)
-    if plan.use_eos:
-        is_eos = tok == dyn.eos_id
-        # Finished hypotheses join the pool; score = sum logprob / new_len ** length_penalty.
-        scores = jnp.where(is_eos, vals / gen_len**dyn.length_penalty, -jnp.inf)
-        all_scores = jnp.concatenate([st.pool_scores, scores], axis=1)  # (batch, 3k)
-        best, pick = jax.lax.top_k(all_scores, k)
-        take = jax.vmap(lambda x, i: x[i])
-        pool_tokens = take(jnp.concatenate([st.pool_tokens, seqs], axis=1), pick)
-        pool_lens = take(jnp.concatenate([st.pool_lens, lens + 1], axis=1), pick)
-        pool_scores = best
-    else:
-        is_eos = jnp.zeros_like(tok, dtype=bool)
-        pool_tokens, pool_lens, pool_scores = st.pool_tokens, st.pool_lens, st.pool_scores
-    # The k best candidates that did not end: stable order of rank, eos ones pushed last.
-    rank = jnp.arange(2 * k)[None, :] + jnp.where(is_eos, 2 * k, 0)
-    keep = jnp.argsort(rank, axis=1)[:, :k]  # (batch, k)
-    take = jax.vmap(lambda x, i: x[i])
-    sums = take(vals, keep)
-    rows_parent = take(parent, keep).reshape(b * k)
-    tokens = take(seqs, keep).reshape(b * k, -1)
-    new_lens = take(lens, keep).reshape(b * k) + 1
-    # Exact stop: logprobs <= 0, so a running beam's final score is at most sums / n**lp
-    # when lp >= 0 (longest), sums / (gen_len + 1)**lp when lp < 0 (shortest).
-    lp = dyn.length_penalty
-    n = jnp.where(lp >= 0, dyn.n_new.astype(jnp.float32), gen_len + 1.0)
-    bound = jnp.max(sums / n**lp, axis=1)  # (batch,)
-    done = st.done | (pool_scores[:, 0] >= bound)
-    new = _BeamState(tokens, new_lens, sums, pool_tokens, pool_lens, pool_scores, done, st.step + 1)
-    return new, rows_parent
-
-
-def _finish_beams(st: _BeamState, plan: _Plan, dyn: _Dyn) -> tuple[jax.Array, jax.Array]:
-    """Best hypothesis per prompt among finished and running beams: tokens (batch, buf), lens."""
-    b, k = plan.batch, plan.num_beams
-    run_scores = st.sums / jnp.maximum(st.step, 1).astype(jnp.float32) ** dyn.length_penalty
-    scores = jnp.concatenate([st.pool_scores, run_scores], axis=1)  # (batch, 2k), pool first
-    tokens = jnp.concatenate([st.pool_tokens, st.tokens.reshape(b, k, -1)], axis=1)
-    lens = jnp.concatenate([st.pool_lens, st.lens.reshape(b, k)], axis=1)
-    best = jnp.argmax(scores, axis=1)  # first of ties: finished hypotheses win
-    rows = jnp.arange(b)
-    return tokens[rows, best], lens[rows, best]
-
-
 # ---------------------------------------------------------------------------------------------
 # The compiled program
 
@@ -271,7 +205,13 @@ def _gather_cache(cache: Cache, rows: jax.Array) -> Cache:
     return jax.tree_util.tree_map(lambda c: c[rows], cache)
 
 
-@functools.partial(jax.jit, static_argnames=("plan",))
+# XLA:CPU's copy insertion by default copies every loop-carried KV-cache tensor (up to three
+# times) each step at batch 1; the region analysis proves the in-place cache update safe.
+# Only XLA:CPU reads this option.
+_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+
+
+@functools.partial(jax.jit, static_argnames=("plan",), compiler_options=_COMPILER_OPTIONS)
 def _generate_padded(
     params: Params, tokens: jax.Array, lens: jax.Array, dyn: _Dyn, key: jax.Array, *, plan: _Plan
 ) -> tuple[jax.Array, jax.Array]:
@@ -284,19 +224,9 @@ def _generate_padded(
         update = _sample_update
         st = _SampleState(tokens, lens, ~live, jnp.int32(0), key)
     else:
-        update = _beam_update
+        update = beam.beam_update
         cache = jax.tree_util.tree_map(lambda c: jnp.repeat(c, k, axis=0), cache)
-        sums = jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf)  # one live beam at first
-        st = _BeamState(
-            tokens=jnp.repeat(tokens, k, axis=0),
-            lens=jnp.repeat(lens, k),
-            sums=jnp.broadcast_to(sums, (b, k)).astype(jnp.float32),
-            pool_tokens=jnp.zeros((b, k, plan.buf_len), jnp.int32),
-            pool_lens=jnp.ones((b, k), jnp.int32),
-            pool_scores=jnp.full((b, k), -jnp.inf, jnp.float32),
-            done=~live,
-            step=jnp.int32(0),
-        )
+        st = beam.init_beams(tokens, lens, live, plan)
 
     def more(st: NamedTuple) -> jax.Array:
         return (st.step < dyn.n_new) & ~jnp.all(st.done)  # rows (sampling) or prompts (beams)
@@ -325,7 +255,7 @@ def _generate_padded(
         st = jax.lax.while_loop(more, window_step, st)
     if k == 1:
         return st.tokens, st.lens
-    return _finish_beams(st, plan, dyn)
+    return beam.finish_beams(st, plan, dyn)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,6 +310,58 @@ def check_generate_args(
         lo, hi = int(np.min(p)), int(np.max(p))
         if lo < 0 or hi >= v:
             raise ValueError(f"prompts[{i}] has token id {lo if lo < 0 else hi} outside [0, {v})")
+
+
+def _pack(
+    config: GPTConfig,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    eos_id: int | None,
+    num_beams: int,
+    length_penalty: float,
+) -> tuple[tuple[jax.Array, jax.Array, _Dyn], _Plan]:
+    """Bucketed, right-padded (tokens, lens, dyn) and the static plan of one `generate` call."""
+    ctx = config.context_length
+    conds = [p[-ctx:] for p in prompts]  # the book's idx[:, -context_size:]
+    max_len = max(len(c) for c in conds)
+    batch = _bucket(len(prompts))
+    prefill_len = min(_bucket(max_len, _MIN_SEQ_BUCKET), ctx)
+    need = max_len + max_new_tokens - 1  # highest position fed + 1
+    cache_len = min(_bucket(max(need, prefill_len), _MIN_SEQ_BUCKET), ctx)
+    overflow = need > cache_len
+    buf_len = _bucket(max_len + max_new_tokens, _MIN_SEQ_BUCKET)
+    if overflow:
+        buf_len = max(buf_len, ctx)
+    tokens = np.zeros((batch, buf_len), np.int32)
+    lens = np.zeros((batch,), np.int32)
+    for i, c in enumerate(conds):
+        tokens[i, : len(c)] = c
+        lens[i] = len(c)
+    use_top_p = top_p is not None and top_p < 1.0
+    plan = _Plan(
+        config=config,
+        batch=batch,
+        prefill_len=prefill_len,
+        cache_len=cache_len,
+        buf_len=buf_len,
+        overflow=overflow,
+        greedy=temperature == 0.0,
+        top_k=None if temperature == 0.0 or top_k == config.vocab_size else top_k,
+        use_top_p=use_top_p and temperature > 0.0,
+        use_eos=eos_id is not None,
+        num_beams=num_beams,
+    )
+    dyn = _Dyn(
+        n_new=jnp.int32(max_new_tokens),
+        temperature=jnp.float32(temperature),
+        top_p=jnp.float32(top_p if use_top_p else 1.0),
+        eos_id=jnp.int32(-1 if eos_id is None else eos_id),
+        length_penalty=jnp.float32(length_penalty),
+    )
+    return (jnp.asarray(tokens), jnp.asarray(lens), dyn), plan
 
 
 def generate(
@@ -452,47 +434,21 @@ def generate(
     if max_new_tokens == 0:
         return prompts
     params, config = unstack_blocks(params), config.replace(scan_layers=False)  # KV cache: unrolled
-    ctx = config.context_length
-    conds = [p[-ctx:] for p in prompts]  # the book's idx[:, -context_size:]
-    max_len = max(len(c) for c in conds)
-    batch = _bucket(len(prompts))
-    prefill_len = min(_bucket(max_len, _MIN_SEQ_BUCKET), ctx)
-    need = max_len + max_new_tokens - 1  # highest position fed + 1
-    cache_len = min(_bucket(max(need, prefill_len), _MIN_SEQ_BUCKET), ctx)
-    overflow = need > cache_len
-    buf_len = _bucket(max_len + max_new_tokens, _MIN_SEQ_BUCKET)
-    if overflow:
-        buf_len = max(buf_len, ctx)
-    tokens = np.zeros((batch, buf_len), np.int32)
-    lens = np.zeros((batch,), np.int32)
-    for i, c in enumerate(conds):
-        tokens[i, : len(c)] = c
-        lens[i] = len(c)
-    use_top_p = top_p is not None and top_p < 1.0
-    plan = _Plan(
-        config=config,
-        batch=batch,
-        prefill_len=prefill_len,
-        cache_len=cache_len,
-        buf_len=buf_len,
-        overflow=overflow,
-        greedy=temperature == 0.0,
-        top_k=None if temperature == 0.0 or top_k == config.vocab_size else top_k,
-        use_top_p=use_top_p and temperature > 0.0,
-        use_eos=eos_id is not None,
-        num_beams=num_beams,
-    )
-    dyn = _Dyn(
-        n_new=jnp.int32(max_new_tokens),
-        temperature=jnp.float32(temperature),
-        top_p=jnp.float32(top_p if use_top_p else 1.0),
-        eos_id=jnp.int32(-1 if eos_id is None else eos_id),
-        length_penalty=jnp.float32(length_penalty),
+    args, plan = _pack(
+        config,
+        prompts,
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        eos_id,
+        num_beams,
+        length_penalty,
     )
     key = jax.random.key(0) if key is None else key  # unused when greedy
-    out_tokens, out_lens = jax.device_get(
-        _generate_padded(params, jnp.asarray(tokens), jnp.asarray(lens), dyn, key, plan=plan)
-    )
+    out_tokens, out_lens = jax.device_get(_generate_padded(params, *args, key, plan=plan))
+    ctx = config.context_length
+    conds = [p[-ctx:] for p in prompts]
     return [
         p + out_tokens[i, len(c) : out_lens[i]].tolist()
         for i, (p, c) in enumerate(zip(prompts, conds, strict=True))
