@@ -10,6 +10,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 _PRECISIONS = ("default", "high", "highest")
 _INITS = ("pytorch", "gpt2")
 _PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+_SAMPLINGS = ("sequential", "random")
 
 
 _C = TypeVar("_C", bound="_DictMixin")
@@ -163,6 +164,11 @@ class TrainConfig(_DictMixin):
     # PRNG behind init, dropout and sampling keys. Measured on CPU (small preset), dropout
     # masks cost the same CPU time under threefry and rbg, so the default stays JAX's own.
     prng_impl: str = "threefry2x32"
+    # "data=N,fsdp=M" (jaxgpt.parallel); None: every device on `data` (one device: unsharded).
+    mesh: str | None = None
+    # "sequential": the book's strided windows, shuffled per epoch; "random": windows at
+    # random token offsets (corpora too large for epochs); both seeded and resumable.
+    sampling: str = "sequential"
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "epochs", "eval_freq", "eval_iter", "checkpoint_every", "keep")
@@ -191,3 +197,4 @@ class TrainConfig(_DictMixin):
         _check_choice("prng_impl", self.prng_impl, _PRNG_IMPLS)
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed={self.seed!r} must be an integer >= 0")
+        _check_choice("sampling", self.sampling, _SAMPLINGS)
