@@ -12,6 +12,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -125,14 +126,14 @@ def _split_at(
 def _encode(piece: Piece) -> tuple[Piece, np.ndarray]:
     """Pool task: the piece's ids (uint16), with the document separator when it starts one.
 
-    `encode_ordinary`: text that spells "<|endoftext|>" stays text; only the separators we
-    insert are the special token.
+    No special tokens in the text (as `encode_ordinary`): text that spells "<|endoftext|>"
+    stays text; only the separators we insert are the special token. `encode_to_numpy`
+    skips building a Python list of ints.
     """
-    ids = tokenizer.get_encoding().encode_ordinary(piece.text)
-    out = np.empty(len(ids) + piece.eot_first, DTYPE)
-    out[: int(piece.eot_first)] = tokenizer.ENDOFTEXT_ID
-    out[int(piece.eot_first) :] = ids
-    return Piece(piece.doc, piece.split, "", piece.eot_first, piece.nbytes), out
+    ids = tokenizer.get_encoding().encode_to_numpy(piece.text, disallowed_special=())
+    if piece.eot_first:
+        ids = np.concatenate([np.array([tokenizer.ENDOFTEXT_ID], ids.dtype), ids])
+    return Piece(piece.doc, piece.split, "", piece.eot_first, piece.nbytes), ids.astype(DTYPE)
 
 
 @dataclass
@@ -228,7 +229,7 @@ def prepare(
     workers = workers or os.cpu_count() or 1
     sources = [str(p) for p in files]
     writers = {s: _ShardWriter(out, s, shard_tokens, sources) for s in ("train", "val")}
-    tokenizer.get_encoding()  # fail early on bad vocab files
+    tokenizer.get_encoding()  # fail early on bad vocab files; forked workers inherit it
     start = time.perf_counter()
     for piece, ids in _run_pool(pieces(files, val_fraction, chunk_chars), workers):
         writers[piece.split].write(ids, piece.doc)
@@ -263,9 +264,10 @@ def _run_pool(tasks: Iterator[Piece], workers: int) -> Iterator[tuple[Piece, np.
         for task in tasks:
             yield _encode(task)
         return
-    # forkserver: workers start from a clean process (the caller may run JAX's threads) and
-    # import only this light module; each builds the encoding once.
-    with mp.get_context("forkserver").Pool(workers) as pool:
+    # fork: workers inherit the built encoding at no cost. Forking a process that runs JAX's
+    # threads is unsafe, so from such a caller: forkserver (each worker builds its own).
+    method = "forkserver" if "jax" in sys.modules else "fork"
+    with mp.get_context(method).Pool(workers) as pool:
         for result in pool.imap(_encode, gated()):
             slots.release()
             yield result

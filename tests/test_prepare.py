@@ -31,7 +31,7 @@ def docs(tmp_path_factory: pytest.TempPathFactory, verdict_text: str) -> list[Pa
     d = tmp_path_factory.mktemp("docs")
     texts = [
         verdict_text[:9000],
-        "Caf\u00e9 \u2014 na\u00efve\n\n\n  x\n" * 40,
+        "Caf\u00e9 \u2014 na\u00efve <|endoftext|>\n\n\n  x\n" * 40,
         "",
         verdict_text[9000:14000],
     ]
