@@ -19,8 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import machine  # benchmarks/machine.py (run as a script: its folder is on sys.path)
-
 from jaxgpt import data, tokenizer
 from jaxgpt.prepare import prepare
 
@@ -73,6 +71,10 @@ def main() -> None:
             base.append(baseline(paths))
             mine.append(ours(paths, Path(tmp) / "shards", args.workers))
     assert {n for n, _ in base} == {n for n, _ in mine}, (base, mine)  # same tokens
+    # Imported only now: machine.py imports JAX, and with JAX loaded `prepare` must start its
+    # workers by forkserver (each rebuilding the encoding) instead of fork.
+    from machine import machine  # benchmarks/machine.py (its folder is on sys.path)
+
     tokens = base[0][0]
     best_base, best_ours = min(s for _, s in base), min(s for _, s in mine)
     result = {

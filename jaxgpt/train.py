@@ -101,10 +101,11 @@ def make_train_step(
     `shardings`: (state shardings, batch sharding) from `jaxgpt.parallel`; the compiled step
     then takes and returns the state with exactly those shardings (metrics replicated).
     """
+    gather = _fsdp_gather(shardings)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         dropout_key = jax.random.fold_in(state.key, state.step)
-        loss, grads = jax.value_and_grad(lambda p: _loss(config, p, batch, dropout_key))(
+        loss, grads = jax.value_and_grad(lambda p: _loss(config, gather(p), batch, dropout_key))(
             state.params
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -117,6 +118,17 @@ def make_train_step(
         out = (state_sh, parallel.replicated(batch_sh.mesh))
         return jax.jit(train_step, donate_argnums=0, in_shardings=shardings, out_shardings=out)
     return jax.jit(train_step, donate_argnums=0)
+
+
+def _fsdp_gather(shardings: tuple[Any, Any] | None) -> Callable[[Params], Params]:
+    """FSDP: parameters sharded at rest are gathered for the forward and backward pass (XLA
+    emits all-gathers, and reduce-scatters for their gradients); identity when unsharded.
+    Without it XLA:SPMD mixes batch- and feature-sharded activations and falls back to
+    "involuntary full rematerialization" (measured: 2.4x the compile time on 8 CPU devices)."""
+    if shardings is None:
+        return lambda p: p
+    whole = parallel.replicated(shardings[1].mesh)
+    return lambda p: jax.lax.with_sharding_constraint(p, jax.tree.map(lambda _: whole, p))
 
 
 def _lr(opt_state: optax.OptState) -> jax.Array:
