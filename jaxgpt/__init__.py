@@ -1,27 +1,41 @@
 """jaxgpt: the book's GPT-2 pretraining pipeline in pure-functional JAX/Flax."""
 
-from jaxgpt.config import PRESETS, GPTConfig, TrainConfig, get_preset
-from jaxgpt.interop import export_book, export_hf, load
-from jaxgpt.model import GPT, count_params, init_cache, init_params
-from jaxgpt.sampling import generate
-from jaxgpt.train import TrainState, fit, init_train_state, make_eval_step, make_train_step
+from __future__ import annotations
 
-__all__ = [
-    "GPT",
-    "PRESETS",
-    "GPTConfig",
-    "TrainConfig",
-    "TrainState",
-    "count_params",
-    "export_book",
-    "export_hf",
-    "fit",
-    "generate",
-    "get_preset",
-    "init_cache",
-    "init_params",
-    "init_train_state",
-    "load",
-    "make_eval_step",
-    "make_train_step",
-]
+import importlib
+from typing import Any
+
+# Public name -> module. Imported on first use, so light modules (the tokenizer, the data
+# preparation workers) do not pay for importing JAX.
+_EXPORTS = {
+    "GPT": "jaxgpt.model",
+    "PRESETS": "jaxgpt.config",
+    "GPTConfig": "jaxgpt.config",
+    "TrainConfig": "jaxgpt.config",
+    "TrainState": "jaxgpt.train",
+    "count_params": "jaxgpt.model",
+    "export_book": "jaxgpt.interop",
+    "export_hf": "jaxgpt.interop",
+    "fit": "jaxgpt.train",
+    "generate": "jaxgpt.sampling",
+    "get_preset": "jaxgpt.config",
+    "init_cache": "jaxgpt.model",
+    "init_params": "jaxgpt.model",
+    "init_train_state": "jaxgpt.train",
+    "load": "jaxgpt.interop",
+    "make_eval_step": "jaxgpt.train",
+    "make_train_step": "jaxgpt.train",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'jaxgpt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -104,16 +104,24 @@ def latest_step(run_dir: str | os.PathLike) -> int | None:
         return mngr.latest_step()
 
 
-def restore(mngr: ocp.CheckpointManager, like: Any, step: int | None = None) -> tuple[Any, dict]:
+def restore(
+    mngr: ocp.CheckpointManager, like: Any, step: int | None = None, *, shardings: Any = None
+) -> tuple[Any, dict]:
     """Restore (TrainState, meta) at `step` (default: newest) into the structure of `like`.
 
     Args:
       like: a TrainState (concrete or from `jax.eval_shape`) with the run's structure.
+      shardings: a pytree of `jax.sharding.Sharding` matching `like`: each process reads
+        just its shards onto this (maybe different) mesh. None: Orbax's default placement.
     """
     step = mngr.latest_step() if step is None else step
     if step is None:
         raise ValueError(f"no checkpoint in {mngr.directory}; start without --resume")
     target = jax.eval_shape(_to_saveable, like)  # ShapeDtypeStructs; works on abstract `like`
+    if shardings is not None:  # the key's sharding carries over to its raw uint32 data
+        target = jax.tree.map(
+            lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s), target, shardings
+        )
     out = mngr.restore(
         step,
         args=ocp.args.Composite(

@@ -12,6 +12,7 @@ _INITS = ("pytorch", "gpt2")
 _PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 ATTENTIONS = ("book", "auto", "xla", "cudnn")
 REMATS = ("none", "block", "dots")
+_SAMPLINGS = ("sequential", "random")
 
 
 _C = TypeVar("_C", bound="_DictMixin")
@@ -191,6 +192,11 @@ class TrainConfig(_DictMixin):
     # Each update averages the gradients of grad_accum micro-batches of batch_size/grad_accum
     # rows, in one compiled step (lax.scan); batch_size stays the rows per update.
     grad_accum: int = 1
+    # "data=N,fsdp=M" (jaxgpt.parallel); None: every device on `data` (one device: unsharded).
+    mesh: str | None = None
+    # "sequential": the book's strided windows, shuffled per epoch; "random": windows at
+    # random token offsets (corpora too large for epochs); both seeded and resumable.
+    sampling: str = "sequential"
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "epochs", "eval_freq", "eval_iter", "checkpoint_every", "keep")
@@ -225,3 +231,4 @@ class TrainConfig(_DictMixin):
         _check_choice("prng_impl", self.prng_impl, _PRNG_IMPLS)
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed={self.seed!r} must be an integer >= 0")
+        _check_choice("sampling", self.sampling, _SAMPLINGS)

@@ -7,6 +7,7 @@ Windows follow the book's `GPTDatasetV1` (ch. 2): window `i` starts at
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import urllib.error
@@ -202,6 +203,68 @@ def open_tokens(path: str | os.PathLike, *, dtype: Any = np.uint16) -> np.ndarra
     return np.memmap(path, dtype=np.dtype(dtype), mode="r")
 
 
+# A folder written by scripts/prepare_data.py: uint16 shards, each with a sidecar JSON,
+# and this index, written last (so a folder without it was never finished).
+DATASET_FILE = "dataset.json"
+DATASET_FORMAT = "jaxgpt-token-shards"
+
+
+class TokenShards:
+    """Token files read as one (n,) array without loading them: memory-mapped shards.
+
+    Indexing with an integer array gathers across shard boundaries (what `gather_windows`
+    needs); a slice returns the concatenated range. Only the touched pages are read.
+    """
+
+    def __init__(self, paths: list[Path], dtype: Any = np.uint16) -> None:
+        self.dtype = np.dtype(dtype)
+        self.shards = [open_tokens(p, dtype=self.dtype) for p in paths]
+        self.offsets = np.cumsum([0] + [len(x) for x in self.shards])  # (n_shards + 1,)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, idx: Any) -> np.ndarray:
+        if isinstance(idx, slice):
+            start, stop, step = idx.indices(len(self))
+            return self[np.arange(start, stop, step)]
+        idx = np.asarray(idx)
+        which = np.searchsorted(self.offsets, idx, side="right") - 1  # shard of each index
+        out = np.empty(idx.shape, self.dtype)
+        for k in np.unique(which):
+            hit = which == k
+            out[hit] = self.shards[k][idx[hit] - self.offsets[k]]
+        return out
+
+
+def is_token_shards(path: str | os.PathLike) -> bool:
+    """True for a folder written by scripts/prepare_data.py."""
+    return (Path(path) / DATASET_FILE).is_file()
+
+
+def open_token_shards(folder: str | os.PathLike) -> Splits:
+    """Train and validation `TokenShards` of a prepared folder, each shard checked whole."""
+    folder = Path(folder)
+    index = json.loads((folder / DATASET_FILE).read_text(encoding="utf-8"))
+    if index.get("format") != DATASET_FORMAT:
+        raise ValueError(
+            f"{str(folder)!r} is not a jaxgpt token-shard folder (no {DATASET_FORMAT})"
+        )
+    dtype = np.dtype(index["dtype"])
+    splits = {}
+    for split in ("train", "val"):
+        paths = [folder / name for name in index[split]]
+        for path in paths:
+            side = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+            if not path.is_file() or path.stat().st_size != side["tokens"] * dtype.itemsize:
+                raise ValueError(
+                    f"token shard {str(path)!r} is missing or not {side['tokens']} tokens long; "
+                    "run scripts/prepare_data.py again into a new --out"
+                )
+        splits[split] = TokenShards(paths, dtype)
+    return Splits(splits["train"], splits["val"])
+
+
 # ----------------------------------------------------------------------------- windows
 
 
@@ -240,6 +303,8 @@ def batches(
     shuffle: bool = True,
     drop_last: bool = True,
     position: DataPosition | None = None,
+    rows: slice | None = None,
+    sampling: str = "sequential",
 ) -> Iterator[Batch]:
     """The remaining batches of epoch `position.epoch`, from batch `position.batch` on.
 
@@ -251,6 +316,10 @@ def batches(
       batch_size, max_length, stride: the book's loader settings.
       seed: shuffle seed; must equal `position.seed` when a position is given.
       position: where to start; None starts at epoch 0, batch 0.
+      rows: gather only these rows of each batch (a process's share of the global batch).
+      sampling: "sequential" (the book's windows, in `epoch_order`) or "random": batch `b`
+        of epoch `e` is `batch_size` windows at offsets drawn by `default_rng((seed, e, b))`
+        (as many batches per epoch as "sequential"; needs no permutation of all windows).
 
     Yields:
       (inputs, targets), both int32 (batch, max_length); the last batch may be smaller
@@ -262,12 +331,20 @@ def batches(
     if position.seed != seed:
         raise ValueError(f"position.seed={position.seed} differs from seed={seed}")
     starts = window_starts(len(tokens), max_length, stride)
-    order = epoch_order(len(starts), seed=seed, epoch=position.epoch, shuffle=shuffle)
+    order = epoch_order(
+        len(starts), seed=seed, epoch=position.epoch, shuffle=shuffle and sampling == "sequential"
+    )
+    if sampling not in ("sequential", "random"):
+        raise ValueError(f"sampling={sampling!r} is not one of ['sequential', 'random']")
+    rows = slice(None) if rows is None else rows
     for b in range(position.batch, num_batches(len(starts), batch_size, drop_last)):
         position.batch = b + 1
-        yield gather_windows(
-            tokens, starts[order[b * batch_size : (b + 1) * batch_size]], max_length
-        )
+        if sampling == "random":
+            rng = np.random.default_rng((seed, position.epoch, b))
+            chosen = rng.integers(0, len(tokens) - max_length, size=batch_size)  # (batch,)
+        else:
+            chosen = starts[order[b * batch_size : (b + 1) * batch_size]]
+        yield gather_windows(tokens, chosen[rows], max_length)
     position.epoch, position.batch = position.epoch + 1, 0
 
 
@@ -302,8 +379,11 @@ def load_splits(
 ) -> Splits:
     """Train/validation tokens for a corpus name, text path, or `.bin` token file (uint16).
 
-    Text is split by characters before tokenising (the book); a token file by tokens.
+    Text is split by characters before tokenising (the book); a token file by tokens; a
+    folder from scripts/prepare_data.py has its own validation shards (`train_ratio` unused).
     """
+    if is_token_shards(spec):
+        return open_token_shards(spec)
     if spec.endswith(".bin"):
         tokens = open_tokens(spec)
         cut = int(train_ratio * len(tokens))

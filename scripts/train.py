@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -50,7 +51,8 @@ ACCEL_FLAGS = {
 }
 TRAIN_HELP = {
     "data": 'corpus: "pydoc" (Python docs, offline), "the-verdict" (the book\'s, downloaded '
-    "once), a text file, a folder of .txt files, or a .bin uint16 token file",
+    "once), a text file, a folder of .txt files, a .bin uint16 token file, or a folder "
+    "written by scripts/prepare_data.py",
     "train_ratio": "fraction of the text used for training (the book: 0.9)",
     "stride": "window step in tokens (default: the context length, as the book)",
     "batch_size": "windows per batch",
@@ -81,6 +83,10 @@ TRAIN_HELP = {
     "prng_impl": "JAX PRNG for init, dropout and sampling: threefry2x32, rbg or unsafe_rbg",
     "grad_accum": "average the gradients of this many micro-batches of batch-size/K rows per "
     "update, in one compiled step",
+    "mesh": "device mesh, e.g. data=8 or data=2,fsdp=4 (fsdp also shards parameters and "
+    "optimizer state); default: every device on data; a resumed run may change it",
+    "sampling": 'training windows: "sequential" (the book\'s, shuffled each epoch) or '
+    '"random" offsets (for corpora too large for epochs)',
 }
 
 
@@ -128,6 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             text = f"{TRAIN_HELP[f.name]} (default: {f.default})"
             p.add_argument(_flag(f.name), type=kind, default=f.default, help=text)
+    dist = p.add_argument_group(
+        "several processes (hosts)",
+        "start JAX's distributed runtime first; without these flags JAX_COORDINATOR_ADDRESS, "
+        "JAX_NUM_PROCESSES, JAX_PROCESS_ID or Slurm / Open MPI / TPU detection apply",
+    )
+    dist.add_argument("--coordinator", help="HOST:PORT of process 0")
+    dist.add_argument("--num-processes", type=int, help="processes in the run")
+    dist.add_argument("--process-id", type=int, help="this process's index, 0..N-1")
+    dist.add_argument(
+        "--distributed",
+        action="store_true",
+        help="initialise from the environment (JAX_* variables, Slurm, Open MPI, TPU)",
+    )
     p.add_argument(
         "--resume",
         action="store_true",
@@ -154,6 +173,7 @@ def configs(
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _init_distributed(args)  # before anything touches a device
     saved = None
     if args.resume and (Path(args.out) / CONFIG_FILE).is_file():
         # The run's own settings become the defaults; explicit flags still win.
@@ -167,12 +187,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _init_distributed(args: argparse.Namespace) -> None:
+    given = [args.coordinator, args.num_processes, args.process_id]
+    env = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not (args.distributed or env or any(x is not None for x in given)):
+        return
+    if any(x is not None for x in given) and any(x is None for x in given):
+        raise ValueError(
+            "--coordinator, --num-processes and --process-id go together; pass all three "
+            "(or none, with the JAX_* environment or --distributed)"
+        )
+    from jaxgpt import parallel
+
+    parallel.initialize_distributed(*given)
+
+
 def _print_event(name: str, e: dict[str, Any]) -> None:
     from tqdm.auto import tqdm
 
     lines = {
         "start": lambda: [
-            f"Device: {e['device']} ({e['platform']}); model parameters: {e['params']:,}",
+            f"Device: {e['device']} ({e['platform']}); model parameters: {e['params']:,}"
+            + (f"; mesh {e['mesh']} over {e['processes']} process(es)" if e.get("mesh") else ""),
             f"Training tokens: {e['train_loader_tokens']}",
             f"Validation tokens: {e['val_loader_tokens']}",
             f"Steps: {e['total_steps']} ({e['steps_per_epoch']} per epoch), from step "

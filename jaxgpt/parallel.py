@@ -1,0 +1,189 @@
+"""Mesh, shardings and multi-process setup: the same train step over many devices and hosts.
+
+JAX's own machinery does the work (`jax.make_mesh`, `NamedSharding`, `jax.jit` with
+shardings, `jax.distributed`); this module only decides where each array lives.
+Axes: `data` splits the batch (parameters replicated); `fsdp` splits the batch too and
+shards parameters and optimizer state along their largest divisible dimension.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+log = logging.getLogger(__name__)
+
+AXES = ("data", "fsdp")
+BATCH_AXES = AXES  # the batch dimension is split over both axes
+# Leaves with fewer elements stay replicated: sharding a bias or a norm scale saves
+# nothing and costs a collective per use (nanodo and MaxText draw the same line).
+MIN_SHARD_SIZE = 2**10
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+    """`"data=2,fsdp=4"` -> {"data": 2, "fsdp": 4}; missing axes are 1."""
+    sizes = dict.fromkeys(AXES, 1)
+    for part in spec.split(","):
+        name, eq, value = part.strip().partition("=")
+        if not eq or name not in sizes or not value.isdigit() or int(value) < 1:
+            raise ValueError(
+                f"--mesh {spec!r}: {part.strip()!r} is not AXIS=SIZE with AXIS in {list(AXES)} "
+                "and SIZE >= 1; e.g. --mesh data=2,fsdp=4"
+            )
+        sizes[name] = int(value)
+    return sizes
+
+
+def make_mesh(spec: str | None, devices: list[Any] | None = None) -> Mesh:
+    """A (`data`, `fsdp`) mesh over the first data*fsdp devices of all processes.
+
+    Args:
+      spec: "data=N,fsdp=M"; None puts every device on `data`.
+      devices: the devices to draw from (default: `jax.devices()`, all processes).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = parse_mesh(spec) if spec else {"data": len(devices), "fsdp": 1}
+    n = math.prod(sizes.values())
+    if n > len(devices):
+        raise ValueError(
+            f"--mesh {spec!r} needs {n} devices but {len(devices)} are available; "
+            f"make data*fsdp at most {len(devices)}"
+        )
+    shape = tuple(sizes[a] for a in AXES)
+    # Auto axes: jit propagates the shardings we give it through the model.
+    return jax.make_mesh(shape, AXES, (AxisType.Auto,) * len(AXES), devices=devices[:n])
+
+
+def batch_size_check(mesh: Mesh, batch_size: int) -> None:
+    """Raise when the global batch does not split evenly over the batch axes."""
+    ways = batch_ways(mesh)
+    if batch_size % ways:
+        raise ValueError(
+            f"batch_size={batch_size} does not split over {ways} devices (mesh "
+            f"{dict(mesh.shape)}); use a batch size that is a multiple of {ways} or a "
+            "smaller --mesh (e.g. --mesh data=1)"
+        )
+
+
+def batch_ways(mesh: Mesh) -> int:
+    """How many pieces the batch dimension is cut into."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def leaf_spec(shape: tuple[int, ...], fsdp: int, min_size: int = MIN_SHARD_SIZE) -> P:
+    """FSDP spec of one leaf: `fsdp` on its largest dimension divisible by the axis size.
+
+    Replicated when `fsdp == 1`, the leaf is small, or no dimension divides.
+    """
+    if fsdp == 1 or math.prod(shape) < min_size:
+        return P()
+    dims = [d for d in np.argsort(shape, kind="stable")[::-1] if shape[d] % fsdp == 0]
+    if not dims:
+        return P()
+    spec: list[str | None] = [None] * len(shape)
+    spec[int(dims[0])] = "fsdp"
+    return P(*spec)
+
+
+def tree_shardings(tree: Any, mesh: Mesh, min_size: int = MIN_SHARD_SIZE) -> Any:
+    """NamedShardings for a pytree of arrays or ShapeDtypeStructs (params, optimizer state).
+
+    The rule depends on the shape only, so AdamW's moments shard exactly as their params.
+    """
+    fsdp = mesh.shape["fsdp"]
+    return jax.tree.map(
+        lambda x: NamedSharding(mesh, leaf_spec(tuple(x.shape), fsdp, min_size)), tree
+    )
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole value (scalars, metrics)."""
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batch rows split over `data` x `fsdp`; the sequence dimension whole."""
+    return NamedSharding(mesh, P(BATCH_AXES, None))
+
+
+def init_sharded(init: Callable[[], Any], shardings: Any) -> Any:
+    """Run `init()` under jit so each device computes only its own shards (never the whole
+    model on one device); the random bits equal the unsharded ones (partitionable threefry)."""
+    return jax.jit(init, out_shardings=shardings)()
+
+
+def local_rows(sharding: NamedSharding, n_rows: int) -> slice:
+    """The rows of an (n_rows, ...) array that this process's devices hold under `sharding`."""
+    index_map = sharding.addressable_devices_indices_map((n_rows, 1))
+    spans = sorted({idx[0].indices(n_rows)[:2] for idx in index_map.values()})
+    # Devices are ordered by process in jax.devices(), so a process's rows are contiguous.
+    assert all(a[1] >= b[0] for a, b in zip(spans, spans[1:], strict=False)), spans
+    lo, hi = spans[0][0], max(b for _, b in spans)
+    return slice(lo, hi)
+
+
+def put_batch(
+    batch: tuple[np.ndarray, ...], mesh: Mesh, *, global_rows: int | None = None
+) -> tuple[jax.Array, ...]:
+    """Host arrays (rows, ...) -> global arrays on `mesh`, rows split over the batch axes.
+
+    Args:
+      batch: this process's rows (`local_rows` of the batch sharding) when `global_rows` is
+        given; otherwise the whole batch, of which each process keeps its own rows. A whole
+        batch that does not split evenly (the last validation batch) is replicated.
+    """
+    if global_rows is None:
+        global_rows = len(batch[0])
+        if global_rows % batch_ways(mesh):
+            rep = replicated(mesh)
+            return tuple(jax.make_array_from_process_local_data(rep, x, x.shape) for x in batch)
+        rows = local_rows(batch_sharding(mesh), global_rows)
+        batch = tuple(x[rows] for x in batch)
+    sharding = batch_sharding(mesh)
+    return tuple(
+        jax.make_array_from_process_local_data(sharding, x, (global_rows, *x.shape[1:]))
+        for x in batch
+    )
+
+
+def to_local(tree: Any, mesh: Mesh) -> Any:
+    """Gather a sharded pytree whole onto one local device (for sampling, which is
+    single-device code); a no-op for arrays that already live on one device."""
+    if mesh.size == 1:
+        return tree
+    whole = jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree)
+    return jax.tree.map(lambda x: x.addressable_data(0), whole)
+
+
+def initialize_distributed(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
+    """Start JAX's distributed runtime before any device is touched.
+
+    With no arguments `jax.distributed.initialize` reads `JAX_COORDINATOR_ADDRESS`,
+    `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID` or detects Slurm, Open MPI and TPU pods.
+    """
+    jax.distributed.initialize(
+        coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+    )
+    log.info("process %d of %d", jax.process_index(), jax.process_count())
+
+
+def is_main_process() -> bool:
+    """Only process 0 prints, writes metrics and plots."""
+    return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+    """Barrier across processes (no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
