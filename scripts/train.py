@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -240,4 +241,9 @@ def _print_event(name: str, e: dict[str, Any]) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    sys.exit(main())
+    status = main()
+    if status > 128:  # stopped by a signal: leave now, not after Orbax's writer threads
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)

@@ -8,8 +8,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -281,3 +283,135 @@ def test_a_lock_left_by_a_killed_run_is_free(tmp_path: Path) -> None:
     finally:
         child.kill()
         child.stdout.close()
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+def _train_proc(corpus: str, out: Path, *extra: str) -> subprocess.Popen:
+    args = [
+        sys.executable, str(TRAIN), "--model", "tiny", "--data", corpus,
+        "--out", str(out), "--epochs", "100", "--max-steps", "500", "--batch-size", "4",
+        "--eval-freq", "5", "--eval-iter", "1", "--sample-tokens", "1", "--checkpoint-every", "5",
+        *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+
+
+def _wait_for(proc: subprocess.Popen, text: str) -> None:
+    for line in proc.stdout:
+        if text in line:
+            return
+    raise AssertionError(f"{text!r} never printed; stderr: {proc.stderr.read()[-2000:]}")
+
+
+def _finish(proc: subprocess.Popen) -> tuple[int, str]:
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_stop_signal_saves_after_the_step_and_prints_the_resume_command(
+    tmp_path: Path, corpus: str, sig: int, code: int
+) -> None:
+    out = tmp_path / "run"
+    proc = _train_proc(corpus, out)
+    try:
+        _wait_for(proc, "(Step 000005)")  # past step 6: training, no save in flight
+        proc.send_signal(sig)
+        rc, err = _finish(proc)
+    finally:
+        proc.kill()
+    assert rc == code, err
+    last = err.strip().splitlines()[-1]
+    name = signal.Signals(sig).name
+    step = int(last.split("after step ")[1].split(";")[0])
+    assert last == (
+        f"train.py: error: stopped by {name} after step {step}; checkpoint saved in "
+        f"{out / 'checkpoints' / str(step)}; resume with: python scripts/train.py --resume "
+        f"--out {out}"
+    )
+    assert step >= 6 and checkpoint.list_steps(out)[-1] == step
+    steps = [r["step"] for r in metrics.read_rows(out / metrics.METRICS_FILE)]
+    assert steps == sorted(set(steps)) and steps[-1] <= step
+
+
+def test_second_signal_during_the_save_keeps_older_checkpoints(
+    tmp_path: Path, corpus: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "run"
+    # emb 128: a ~80 MB state, so a save lasts long enough to be hit by a second signal.
+    proc = _train_proc(corpus, out, "--emb-dim", "128")
+    try:
+        _wait_for(proc, "(Step 000010)")  # checkpoints 5 and 10 are written
+        proc.send_signal(signal.SIGTERM)
+        tmp = None
+        while proc.poll() is None and tmp is None:  # Orbax writes into NAME.orbax-checkpoint-tmp
+            tmp = next((p for p in (out / "checkpoints").iterdir() if "tmp" in p.name), None)
+            time.sleep(0.001)
+        assert tmp is not None, "the save finished before it was seen"
+        proc.send_signal(signal.SIGTERM)  # during the save
+        rc, err = _finish(proc)
+    finally:
+        proc.kill()
+    assert rc == 143, err
+    assert err.strip().splitlines()[-1] == (
+        "train.py: error: second SIGTERM: stopped at once; the save in progress was "
+        "abandoned, older checkpoints are intact"
+    )
+    assert checkpoint.list_steps(out) == [5, 10]  # the half-written save is not a checkpoint
+    model, tc = checkpoint.load_run_config(out)
+    with caplog.at_level(logging.WARNING):
+        resumed = fit(model, tc.replace(max_steps=13), resume=True, progress=False)
+    assert int(resumed.state.step) == 13 and not caplog.records  # nothing damaged
+    assert checkpoint.list_steps(out) == [5, 10, 13] and not tmp.exists()  # Orbax cleaned it
+
+
+# ----------------------------------------------------------------------------- disk space
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path, request: pytest.FixtureRequest):
+    """A real filesystem of `request.param` MiB (tmpfs); skipped where mounting is not allowed."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={request.param}m", "tmpfs", str(mnt)],
+        capture_output=True,
+    )
+    if done.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("small_disk", [8], indirect=True)
+def test_too_little_space_is_refused_before_training(
+    small_disk: Path, corpus: str, tiny_config
+) -> None:
+    with pytest.raises(ValueError, match=r"only \d+ MiB free under .* one checkpoint needs"):
+        fit(tiny_config, _tc(corpus, small_disk / "run"), progress=False)
+    assert list(small_disk.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize("small_disk", [60], indirect=True)
+def test_disk_full_at_a_save_is_one_error_with_older_checkpoints_intact(
+    small_disk: Path, corpus: str, tiny_config
+) -> None:
+    # The tiny model's checkpoint is ~24 MB: 2 fit in 60 MiB, the third does not.
+    out = small_disk / "run"
+    tc = _tc(corpus, out, max_steps=10, keep=5)
+    with pytest.raises(runguard.CheckpointWriteError) as info:
+        fit(tiny_config, tc, progress=False)
+    msg = str(info.value)
+    assert "\n" not in msg and "step 6" in msg and "(newest: 4)" in msg, msg
+    assert checkpoint.list_steps(out) == [2, 4]
+    with checkpoint.manager(out) as mngr:
+        for s in (2, 4):
+            state, _ = checkpoint.restore(mngr, _like(tiny_config, tc), step=s)
+            assert int(state.step) == s
