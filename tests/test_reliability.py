@@ -415,3 +415,21 @@ def test_disk_full_at_a_save_is_one_error_with_older_checkpoints_intact(
         for s in (2, 4):
             state, _ = checkpoint.restore(mngr, _like(tiny_config, tc), step=s)
             assert int(state.step) == s
+
+
+def test_train_script_exits_1_with_one_line_on_divergence(
+    tmp_path: Path, corpus: str, capsys: pytest.CaptureFixture
+) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_train_script", TRAIN)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "run"
+    args = ["--model", "tiny", "--data", corpus, "--out", str(out), "--lr", "1e4",
+            "--max-steps", "40", "--batch-size", "4", "--eval-iter", "1", "--sample-tokens", "1",
+            "--checkpoint-every", "2"]  # fmt: skip
+    assert mod.main(args) == 1
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 1 and err[0].startswith("train.py: error: non-finite"), err
+    assert f"last good checkpoint: {out / 'checkpoints'}" in err[0]
