@@ -220,14 +220,17 @@ def _param_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     return {jax.tree_util.keystr(p): tuple(x.shape) for p, x in flat}
 
 
-def _check_same_model(step_dir: Path, params: Any) -> None:
-    """Raise ModelMismatchError when the saved params' paths or shapes differ from `params`."""
+def _check_same_model(step_dir: Path, target: Any) -> None:
+    """Raise ModelMismatchError when the saved state differs from `target` in its params'
+    paths or shapes, or in its arrays' shapes (another optimizer or jaxgpt version)."""
     try:
         md = ocp.StandardCheckpointHandler().metadata(step_dir / "state")
-        saved = _param_shapes(dict(md.tree if hasattr(md, "tree") else md)["params"])
+        tree = dict(md.tree if hasattr(md, "tree") else md)
+        saved = _param_shapes(tree["params"])
+        saved_all = sorted(tuple(x.shape) for x in jax.tree.leaves(tree) if hasattr(x, "shape"))
     except Exception:  # unreadable metadata: the restore itself reports the damage
         return
-    want = _param_shapes(params)
+    want = _param_shapes(target.params)
     diff = [
         f"{k}: saved {saved.get(k)}, model {want.get(k)}"
         for k in sorted(set(saved) | set(want))
@@ -238,6 +241,13 @@ def _check_same_model(step_dir: Path, params: Any) -> None:
             f"checkpoint {step_dir} holds another model ({'; '.join(diff[:2])}"
             f"{f' and {len(diff) - 2} more' if len(diff) > 2 else ''}); resume it with the "
             "model it was trained with (its config.json) or start a new run with --out"
+        )
+    want_all = sorted(tuple(x.shape) for x in jax.tree.leaves(target))
+    if saved_all != want_all:
+        raise ModelMismatchError(
+            f"checkpoint {step_dir} holds a train state of another layout ({len(saved_all)} "
+            f"arrays; this run's has {len(want_all)}): written with other optimizer settings "
+            "or another jaxgpt version; resume it with those, or start a new run with --out"
         )
 
 
@@ -270,7 +280,7 @@ def restore(mngr: ocp.CheckpointManager, like: Any, step: int | None = None) -> 
     target = jax.eval_shape(_to_saveable, like)  # ShapeDtypeStructs; works on abstract `like`
 
     def read(s: int) -> tuple[Any, dict]:
-        _check_same_model(Path(mngr.directory) / str(s), target.params)
+        _check_same_model(Path(mngr.directory) / str(s), target)
         out = mngr.restore(
             s,
             args=ocp.args.Composite(

@@ -430,6 +430,28 @@ def test_train_script_exits_1_with_one_line_on_divergence(
             "--max-steps", "40", "--batch-size", "4", "--eval-iter", "1", "--sample-tokens", "1",
             "--checkpoint-every", "2"]  # fmt: skip
     assert mod.main(args) == 1
-    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    captured = capsys.readouterr().err
+    err = [x for x in captured.splitlines() if x.startswith("train.py:")]  # not the progress bar
+    assert "Traceback" not in captured
     assert len(err) == 1 and err[0].startswith("train.py: error: non-finite"), err
     assert f"last good checkpoint: {out / 'checkpoints'}" in err[0]
+
+
+def test_resume_of_another_state_layout_is_refused_untouched(tmp_path: Path, tiny_config) -> None:
+    # A state saved without the skip_nonfinite guard (as before it existed): same params,
+    # another optimizer-state layout. Refused as bad input, never taken for damage.
+    from jaxgpt import optim
+
+    plain = optim.chain_state  # the chain inside the guard
+    tc = TrainConfig()
+    tx = make_optimizer(tc, 10)
+    state = init_train_state(tiny_config, tx, jax.random.key(0))
+    old = state.replace(opt_state=plain(state.opt_state))
+    with checkpoint.manager(tmp_path) as mngr:
+        checkpoint.save(mngr, old, {})
+    before = sorted((str(p), p.stat().st_size) for p in tmp_path.rglob("*"))
+    with checkpoint.manager(tmp_path) as mngr, pytest.raises(ValueError) as info:
+        checkpoint.restore(mngr, _like(tiny_config, tc))
+    assert "holds a train state of another layout" in str(info.value)
+    assert "\n" not in str(info.value)
+    assert sorted((str(p), p.stat().st_size) for p in tmp_path.rglob("*")) == before
