@@ -1,18 +1,29 @@
 """Checkpoints: Orbax save/restore of {train state, data position, configs}; params files; load.
 
 A run folder holds `config.json` and `checkpoints/<step>/` (Orbax, atomic, last K kept).
-An exported params file is a `.npz` of "/"-joined param paths plus the config as JSON.
+Restores take the newest intact checkpoint: committed (Orbax's marker), readable, and equal
+to the fingerprint saved with it. An exported params file is a `.npz` of "/"-joined param
+paths plus the config as JSON.
 On disk the layers are always unrolled (`trf_blocks_N`); scanned runs convert on save/load.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
+import logging
 import os
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -26,9 +37,14 @@ from jaxgpt.model import (
     unstack_blocks,
 )
 
+log = logging.getLogger(__name__)
+
 CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
+DAMAGED = "checkpoints-damaged"  # where a resumed run moves checkpoints it could not read
+COMMIT_MARKER = "commit_success.txt"  # Orbax writes it last into every finished step folder
 _CONFIG_KEY = "__config__"
+_FINGERPRINT = "fingerprint"
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -67,7 +83,10 @@ def manager(
     written before the next step reuses them.
     """
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=not read_only, enable_async_checkpointing=False
+        max_to_keep=keep,
+        create=not read_only,
+        enable_async_checkpointing=False,
+        cleanup_tmp_directories=not read_only,  # half-written saves of killed runs
     )
     return ocp.CheckpointManager(Path(run_dir).absolute() / CHECKPOINTS, options=options)
 
@@ -82,18 +101,64 @@ def _to_saveable(state: Any) -> Any:
     )
 
 
+@jax.jit
+def _leaf_sums(leaves: list[jax.Array]) -> jax.Array:
+    # Per leaf: its bits as uint32, summed plainly and weighted by odd position weights
+    # (wrapping mod 2**32); leaves are added up, so their order and container types
+    # (dataclass, NamedTuple, or the dicts Orbax returns without a target) do not matter.
+    total = jnp.zeros(2, jnp.uint32)
+    for x in leaves:
+        x = jnp.asarray(x)
+        if x.dtype == jnp.bool_:
+            x = x.astype(jnp.uint8)
+        bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{x.dtype.itemsize * 8}"))
+        u = bits.astype(jnp.uint32).ravel()  # (n,)
+        w = jnp.arange(u.size, dtype=jnp.uint32) * jnp.uint32(2654435761) | jnp.uint32(1)
+        total = total + jnp.stack([jnp.sum(u), jnp.sum(u * w) + jnp.uint32(u.size)])
+    return total
+
+
+def fingerprint(tree: Any) -> str:
+    """A 64-bit checksum of every array in `tree`, computed on device (one tiny transfer)."""
+    leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "dtype")]
+    return "".join(f"{int(v):08x}" for v in np.asarray(_leaf_sums(leaves)))
+
+
 def save(mngr: ocp.CheckpointManager, state: Any, meta: dict[str, Any]) -> None:
-    """Save the TrainState and JSON metadata (data position, tokens seen, ...) at `state.step`."""
+    """Save the TrainState and JSON metadata (data position, tokens seen, ...) at `state.step`.
+
+    The state's fingerprint goes into the metadata, so a restore can tell damaged arrays.
+    """
     step = int(state.step)
     if step in mngr.all_steps():
         return
+    saveable = _to_saveable(state)
+    meta = {**meta, _FINGERPRINT: fingerprint(saveable)}
     mngr.save(
         step,
         args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_to_saveable(state)), meta=ocp.args.JsonSave(meta)
+            state=ocp.args.StandardSave(saveable), meta=ocp.args.JsonSave(meta)
         ),
     )
     mngr.wait_until_finished()
+
+
+def list_steps(run_dir: str | os.PathLike) -> list[int]:
+    """Steps of the finished (committed) checkpoints in a run folder, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(
+        int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / COMMIT_MARKER).is_file()
+    )
+
+
+def state_bytes(state: Any) -> int:
+    """Bytes of all arrays in a (possibly abstract) state: about one checkpoint's size."""
+    return sum(
+        int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+        for x in jax.tree.leaves(jax.eval_shape(_to_saveable, state))
+    )
 
 
 def latest_step(run_dir: str | os.PathLike) -> int | None:
@@ -104,38 +169,156 @@ def latest_step(run_dir: str | os.PathLike) -> int | None:
         return mngr.latest_step()
 
 
+def _intact(
+    mngr: ocp.CheckpointManager, step: int | None, read: Callable[[int], tuple[Any, dict]]
+) -> tuple[int, Any, dict]:
+    """(step, state, meta) of the newest intact checkpoint (or of `step`), warning about each
+    damaged one passed over; ValueError naming the folder when none is intact."""
+    steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
+    if not steps:
+        raise ValueError(f"no checkpoint in {mngr.directory}; start without --resume")
+    for s in steps:
+        why = damage(mngr, s, read)
+        if isinstance(why, str):
+            log.warning(
+                "checkpoint %s is damaged (%s); trying an older one", mngr.directory / str(s), why
+            )
+            continue
+        return s, *why
+    raise ValueError(
+        f"no intact checkpoint in {mngr.directory} (damaged: steps {steps}); "
+        "start a new run with --out NEW_DIR"
+    )
+
+
+def damage(
+    mngr: ocp.CheckpointManager, step: int, read: Callable[[int], tuple[Any, dict]]
+) -> str | tuple[Any, dict]:
+    """What is wrong with checkpoint `step` (a short reason), or its (state, meta) if intact."""
+    if not (Path(mngr.directory) / str(step) / COMMIT_MARKER).is_file():
+        return f"no {COMMIT_MARKER}: the save never finished"
+    try:
+        with _quiet_async_errors():
+            state, meta = read(step)
+    except ModelMismatchError:
+        raise
+    except Exception as e:  # tensorstore/JSON/Orbax errors: all mean "unreadable"
+        first = str(e).split(" See full TensorStore")[0].splitlines()
+        return f"unreadable: {type(e).__name__}: {first[0][:200] if first else ''}"
+    want = meta.pop(_FINGERPRINT, None)
+    if want is not None and fingerprint(state) != want:
+        return "its arrays differ from the fingerprint saved with them"
+    return state, meta
+
+
+class ModelMismatchError(ValueError):
+    """A checkpoint holds params of another model: bad input, not damage."""
+
+
+def _param_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(p): tuple(x.shape) for p, x in flat}
+
+
+def _check_same_model(step_dir: Path, target: Any) -> None:
+    """Raise ModelMismatchError when the saved state differs from `target` in its params'
+    paths or shapes, or in its arrays' shapes (another optimizer or jaxgpt version)."""
+    try:
+        md = ocp.StandardCheckpointHandler().metadata(step_dir / "state")
+        tree = dict(md.tree if hasattr(md, "tree") else md)
+        saved = _param_shapes(tree["params"])
+        saved_all = sorted(tuple(x.shape) for x in jax.tree.leaves(tree) if hasattr(x, "shape"))
+    except Exception:  # unreadable metadata: the restore itself reports the damage
+        return
+    want = _param_shapes(target.params)
+    diff = [
+        f"{k}: saved {saved.get(k)}, model {want.get(k)}"
+        for k in sorted(set(saved) | set(want))
+        if saved.get(k) != want.get(k)
+    ]
+    if diff:
+        raise ModelMismatchError(
+            f"checkpoint {step_dir} holds another model ({'; '.join(diff[:2])}"
+            f"{f' and {len(diff) - 2} more' if len(diff) > 2 else ''}); resume it with the "
+            "model it was trained with (its config.json) or start a new run with --out"
+        )
+    want_all = sorted(tuple(x.shape) for x in jax.tree.leaves(target))
+    if saved_all != want_all:
+        raise ModelMismatchError(
+            f"checkpoint {step_dir} holds a train state of another layout ({len(saved_all)} "
+            f"arrays; this run's has {len(want_all)}): written with other optimizer settings "
+            "or another jaxgpt version; resume it with those, or start a new run with --out"
+        )
+
+
+@contextlib.contextmanager
+def _quiet_async_errors() -> Iterator[None]:
+    """A failed Orbax read leaves sibling coroutines and thread callbacks that print
+    tracebacks as they are dropped; the failure itself is reported once, by the caller."""
+    hooks = sys.unraisablehook, threading.excepthook
+    sys.unraisablehook = lambda u: log.debug("dropped: %s", u.exc_value)
+    threading.excepthook = lambda a: log.debug("dropped: %s", a.exc_value)
+    try:
+        yield
+    finally:
+        gc.collect()  # drop the leftovers now, while the hooks are quiet
+        sys.unraisablehook, threading.excepthook = hooks
+
+
 def restore(
     mngr: ocp.CheckpointManager, like: Any, step: int | None = None, *, shardings: Any = None
 ) -> tuple[Any, dict]:
-    """Restore (TrainState, meta) at `step` (default: newest) into the structure of `like`.
+    """Restore (TrainState, meta) of the newest intact checkpoint (or `step`) into `like`.
+
+    Damaged checkpoints (uncommitted, unreadable, or not matching their fingerprint) are
+    skipped with a warning naming them.
 
     Args:
       like: a TrainState (concrete or from `jax.eval_shape`) with the run's structure.
       shardings: a pytree of `jax.sharding.Sharding` matching `like`: each process reads
         just its shards onto this (maybe different) mesh. None: Orbax's default placement.
+
+    Raises:
+      ValueError: no intact checkpoint, naming the folder.
     """
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-        raise ValueError(f"no checkpoint in {mngr.directory}; start without --resume")
     target = jax.eval_shape(_to_saveable, like)  # ShapeDtypeStructs; works on abstract `like`
     if shardings is not None:  # the key's sharding carries over to its raw uint32 data
         target = jax.tree.map(
             lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s), target, shardings
         )
-    out = mngr.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
-        ),
-    )
-    state = out["state"]
+
+    def read(s: int) -> tuple[Any, dict]:
+        _check_same_model(Path(mngr.directory) / str(s), target)
+        out = mngr.restore(
+            s,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+            ),
+        )
+        return out["state"], dict(out["meta"])
+
+    _, state, meta = _intact(mngr, step, read)
     if "trf_blocks" in like.params:  # a scanned run: back to the stacked layout
         state = state.replace(
             params=stack_blocks(state.params), opt_state=stack_blocks(state.opt_state)
         )
     # The key's PRNG (threefry2x32, rbg, ...): its dtype carries it, concrete or abstract.
     impl = like.key.dtype._impl.name
-    return state.replace(key=jax.random.wrap_key_data(state.key, impl=impl)), dict(out["meta"])
+    return state.replace(key=jax.random.wrap_key_data(state.key, impl=impl)), meta
+
+
+def set_aside_newer(run_dir: str | os.PathLike, step: int) -> list[Path]:
+    """Move checkpoints newer than `step` (damaged ones a resume passed over) into
+    `run_dir/checkpoints-damaged/`, so new saves at those steps are not mistaken for them."""
+    moved = []
+    for p in sorted((Path(run_dir) / CHECKPOINTS).iterdir()):
+        if p.name.isdigit() and int(p.name) > step:
+            dst = Path(run_dir) / DAMAGED / f"{p.name}-{time.strftime('%Y%m%dT%H%M%S')}"
+            dst.parent.mkdir(exist_ok=True)
+            shutil.move(str(p), dst)
+            log.warning("moved damaged checkpoint %s to %s", p, dst)
+            moved.append(dst)
+    return moved
 
 
 def load_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[GPTConfig, Params]:
@@ -144,10 +327,19 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[GPTCo
     if latest_step(run_dir) is None:
         raise ValueError(f"run folder {str(run_dir)!r} has no checkpoints yet")
     with manager(run_dir, read_only=True) as mngr:
-        step = mngr.latest_step() if step is None else step
-        # No target: Orbax returns the saved tree as nested dicts; take the params.
-        out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return config, to_layout(jax.tree.map(jax.numpy.asarray, out["state"]["params"]), config)
+
+        def read(s: int) -> tuple[Any, dict]:
+            # No target: Orbax returns the saved tree as nested dicts.
+            out = mngr.restore(
+                s,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()
+                ),
+            )
+            return out["state"], dict(out["meta"] or {})
+
+        _, state, _ = _intact(mngr, step, read)
+    return config, to_layout(jax.tree.map(jax.numpy.asarray, state["params"]), config)
 
 
 def save_params(path: str | os.PathLike, config: GPTConfig, params: Params) -> None:

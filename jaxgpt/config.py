@@ -197,6 +197,9 @@ class TrainConfig(_DictMixin):
     # "sequential": the book's strided windows, shuffled per epoch; "random": windows at
     # random token offsets (corpora too large for epochs); both seeded and resumable.
     sampling: str = "sequential"
+    # Non-finite loss/gradients: skip up to this many bad steps in a row, then stop (0: stop
+    # at the first). A skipped step leaves params and optimizer state unchanged.
+    skip_nonfinite: int = 0
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "epochs", "eval_freq", "eval_iter", "checkpoint_every", "keep")
@@ -209,6 +212,8 @@ class TrainConfig(_DictMixin):
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         if not isinstance(self.sample_tokens, int) or self.sample_tokens < 0:
             raise ValueError(f"sample_tokens={self.sample_tokens!r} must be an integer >= 0")
+        if not isinstance(self.skip_nonfinite, int) or self.skip_nonfinite < 0:
+            raise ValueError(f"skip_nonfinite={self.skip_nonfinite!r} must be an integer >= 0")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps={self.warmup_steps!r} must be an integer >= 0")
         if not self.lr > 0:

@@ -108,11 +108,29 @@ def _text_files(path: Path) -> list[Path]:
     return [path]
 
 
+def _read_utf8(path: Path, folder: Path | None = None) -> str:
+    """A corpus file's text; one-line errors for a file that is empty (in a folder) or not UTF-8."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"corpus file {str(path)!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+            f"offset {e.start}); convert it, e.g. iconv -f latin1 -t utf-8, or pass another file"
+        ) from None
+    if folder is not None and not text.strip():
+        raise ValueError(
+            f"corpus folder {str(folder)!r} holds an empty file {str(path)!r}; remove it "
+            "or put text in it"
+        )
+    return text
+
+
 def read_text(path: str | os.PathLike) -> str:
     """A text file, or the .txt files of a folder joined by `<|endoftext|>` (as the book's
     Gutenberg pretraining script joins documents)."""
-    files = _text_files(Path(path))
-    return tokenizer.ENDOFTEXT.join(p.read_text(encoding="utf-8") for p in files)
+    path = Path(path)
+    folder = path if path.is_dir() else None
+    return tokenizer.ENDOFTEXT.join(_read_utf8(p, folder) for p in _text_files(path))
 
 
 def load_text(spec: str, *, cache_dir: str | os.PathLike, base_url: str = VERDICT_BASE_URL) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import sys
@@ -12,6 +13,8 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 PLOTS_DIR = "plots"
@@ -52,19 +55,40 @@ def append_row(path: str | os.PathLike, row: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+def _read(path: Path) -> tuple[list[dict[str, Any]], bool]:
+    """(rows, whether a torn last line was dropped); a bad line elsewhere is an error."""
+    if not path.is_file():
+        return [], False
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    lines = text.split("\n")
+    rows = []
+    for i, line in enumerate(lines):
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # no newline after it: a write cut short by a kill
+                log.warning("%s: dropped a torn last line (a killed write)", path)
+                return rows, True
+            raise ValueError(
+                f"{path} line {i + 1} is not JSON: {line[:60]!r}; fix or delete that line"
+            ) from None
+    return rows, False
+
+
 def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """All rows of a metrics file; [] when it does not exist."""
-    p = Path(path)
-    if not p.is_file():
-        return []
-    return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line]
+    """All rows of a metrics file; [] when it does not exist. A torn last line (the run was
+    killed mid-write) is left out."""
+    return _read(Path(path))[0]
 
 
 def truncate_rows(path: str | os.PathLike, max_step: int) -> None:
-    """Keep only rows with step <= max_step (a resumed run rewrites what comes after)."""
-    rows = read_rows(path)
+    """Keep only rows with step <= max_step (a resumed run rewrites what comes after), and
+    repair a torn last line."""
+    rows, torn = _read(Path(path))
     kept = [r for r in rows if r["step"] <= max_step]
-    if len(kept) != len(rows):
+    if torn or len(kept) != len(rows):
         p = Path(path)
         tmp = p.with_name(p.name + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")

@@ -1,13 +1,17 @@
-"""The optax chain: global-norm clipping, AdamW (+ decay mask), warmup + constant/cosine schedule.
+"""The optax chain: global-norm clipping, AdamW (+ decay mask), warmup + constant/cosine schedule,
+wrapped in a guard that refuses non-finite updates (`skip_nonfinite`).
 
-The chain always has the same structure, so optimizer states are interchangeable:
+The state always has the same structure, so optimizer states are interchangeable:
 
-    opt_state[0]                          clipping (an empty state; identity when no clip)
-    opt_state[1]                          InjectStatefulHyperparamsState(count, hyperparams,
+    opt_state                             SkipNonfiniteState(count, bad_in_row, skipped,
+                                          halted_at, halted_loss, inner_state)
+    chain = opt_state.inner_state         the chain's state (`chain_state`):
+    chain[0]                              clipping (an empty state; identity when no clip)
+    chain[1]                              InjectStatefulHyperparamsState(count, hyperparams,
                                           hyperparams_states, inner_state)
-    opt_state[1].hyperparams["learning_rate"]         the lr of the last update
-    opt_state[1].hyperparams_states["learning_rate"]  WrappedScheduleState(count): schedule step
-    opt_state[1].inner_state[0]           ScaleByAdamState(count, mu, nu)
+    chain[1].hyperparams["learning_rate"]         the lr of the last update
+    chain[1].hyperparams_states["learning_rate"]  WrappedScheduleState(count): schedule step
+    chain[1].inner_state[0]               ScaleByAdamState(count, mu, nu)
 
 `mu`/`nu` mirror the params tree; they are torch AdamW's `exp_avg`/`exp_avg_sq`, and
 `count` is its `step` (see `adam_state` / `with_adam_state`).
@@ -15,7 +19,7 @@ The chain always has the same structure, so optimizer states are interchangeable
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,8 +56,71 @@ def decay_mask(params: Params) -> Params:
     )
 
 
+class SkipNonfiniteState(NamedTuple):
+    """State of `skip_nonfinite`: int32 / float32 scalars around the inner state."""
+
+    count: jax.Array  # updates seen (the train step)
+    bad_in_row: jax.Array  # consecutive non-finite updates up to now
+    skipped: jax.Array  # non-finite updates skipped in total
+    halted_at: jax.Array  # 1-based update that exceeded the limit; 0 while training is fine
+    halted_loss: jax.Array  # the loss of that update (nan when the caller passed none)
+    inner_state: optax.OptState
+
+
+def skip_nonfinite(
+    inner: optax.GradientTransformation, max_in_row: int = 0
+) -> optax.GradientTransformationExtraArgs:
+    """Refuse any update whose gradients (or `loss=` extra arg) are not finite.
+
+    Like `optax.apply_if_finite`, a refused update leaves params and the inner state as they
+    were; unlike it, this never gives in: past `max_in_row` bad updates in a row it latches
+    `halted_at` and refuses every later update, so params can never turn non-finite. The
+    host reads `halted_at` lazily (no sync per step) and stops the run.
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def init(params: Any) -> SkipNonfiniteState:
+        def zero() -> jax.Array:
+            return jnp.zeros((), jnp.int32)
+
+        return SkipNonfiniteState(
+            zero(), zero(), zero(), zero(), jnp.full((), jnp.nan, jnp.float32), inner.init(params)
+        )
+
+    def update(updates, state, params=None, *, loss=None, **extra):  # noqa: ANN001, ANN202
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(updates)]))
+        if loss is not None:
+            finite = finite & jnp.isfinite(loss)
+        count = state.count + 1
+        bad_in_row = jnp.where(finite, 0, state.bad_in_row + 1)
+        halt_now = (state.halted_at == 0) & (bad_in_row > max_in_row)
+        halted_at = jnp.where(halt_now, count, state.halted_at)
+        loss = jnp.float32(jnp.nan) if loss is None else jnp.asarray(loss, jnp.float32)
+        updates, inner_state = jax.lax.cond(
+            finite & (halted_at == 0),
+            lambda: inner.update(updates, state.inner_state, params, **extra),
+            lambda: (jax.tree.map(jnp.zeros_like, updates), state.inner_state),
+        )
+        return updates, SkipNonfiniteState(
+            count=count,
+            bad_in_row=bad_in_row,
+            skipped=state.skipped + (~finite).astype(jnp.int32),
+            halted_at=halted_at,
+            halted_loss=jnp.where(halt_now, loss, state.halted_loss),
+            inner_state=inner_state,
+        )
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def chain_state(opt_state: optax.OptState) -> optax.OptState:
+    """The (clip, AdamW) chain's state inside the `skip_nonfinite` guard (or `opt_state`)."""
+    return opt_state.inner_state if isinstance(opt_state, SkipNonfiniteState) else opt_state
+
+
 def make_optimizer(tc: TrainConfig, total_steps: int) -> optax.GradientTransformation:
-    """clip_by_global_norm (or identity) -> AdamW with the schedule injected as a hyperparam.
+    """clip_by_global_norm (or identity) -> AdamW with the schedule injected as a hyperparam,
+    inside `skip_nonfinite(max_in_row=tc.skip_nonfinite)`.
 
     With the defaults (no clip, no mask, constant lr) this is the book's
     `torch.optim.AdamW(lr, weight_decay)`: betas (0.9, 0.999), eps 1e-8, decoupled decay
@@ -69,17 +136,17 @@ def make_optimizer(tc: TrainConfig, total_steps: int) -> optax.GradientTransform
         weight_decay=tc.weight_decay,
         mask=decay_mask if tc.decay_mask else None,
     )
-    return optax.chain(clip, adamw)
+    return skip_nonfinite(optax.chain(clip, adamw), tc.skip_nonfinite)
 
 
 def learning_rate(opt_state: optax.OptState) -> jax.Array:
     """The learning rate the last update used (float32 scalar)."""
-    return jnp.asarray(opt_state[1].hyperparams["learning_rate"], jnp.float32)
+    return jnp.asarray(chain_state(opt_state)[1].hyperparams["learning_rate"], jnp.float32)
 
 
 def adam_state(opt_state: optax.OptState) -> optax.ScaleByAdamState:
     """The AdamW moments: `count` (torch `step`), `mu` (`exp_avg`), `nu` (`exp_avg_sq`)."""
-    return opt_state[1].inner_state[0]
+    return chain_state(opt_state)[1].inner_state[0]
 
 
 def with_adam_state(
@@ -87,9 +154,11 @@ def with_adam_state(
 ) -> optax.OptState:
     """`opt_state` with its AdamW moments and step replaced (e.g. from a torch optimizer).
 
-    The schedule's own step counter is set to `count` too, so the lr continues in place.
+    The schedule's own step counter (and the guard's) is set to `count` too, so the lr
+    continues in place.
     """
-    inject = opt_state[1]
+    chain = chain_state(opt_state)
+    inject = chain[1]
 
     # A fresh array per leaf: the train step donates its state, and one buffer can be
     # donated only once.
@@ -101,4 +170,7 @@ def with_adam_state(
     inject = inject._replace(
         count=fresh(), hyperparams_states=sched, inner_state=(adam, *inject.inner_state[1:])
     )
-    return (opt_state[0], inject, *opt_state[2:])
+    chain = (chain[0], inject, *chain[2:])
+    if isinstance(opt_state, SkipNonfiniteState):
+        return opt_state._replace(count=fresh(), inner_state=chain)
+    return chain

@@ -7,6 +7,7 @@ print a greedy sample after each epoch, track tokens seen.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -19,11 +20,11 @@ import numpy as np
 import optax
 from flax import struct
 
-from jaxgpt import checkpoint, data, metrics, parallel, sampling, tokenizer
+from jaxgpt import checkpoint, data, metrics, parallel, runguard, sampling, tokenizer
 from jaxgpt.config import GPTConfig, TrainConfig
 from jaxgpt.losses import head_cross_entropy
 from jaxgpt.model import GPT, Params, count_params, head_matrix, init_params, precision
-from jaxgpt.optim import learning_rate, make_optimizer
+from jaxgpt.optim import SkipNonfiniteState, learning_rate, make_optimizer
 
 log = logging.getLogger(__name__)
 Batch = tuple[Any, Any]  # inputs, targets: int32 (batch, seq)
@@ -32,7 +33,7 @@ EventFn = Callable[[str, dict[str, Any]], None]
 RESUMABLE_CHANGES = frozenset(
     {"epochs", "max_steps", "eval_freq", "eval_iter", "checkpoint_every", "keep",
      "start_context", "sample_tokens", "out", "cache_dir", "data_url", "compile_cache",
-     "grad_accum", "mesh"}
+     "grad_accum", "mesh", "skip_nonfinite"}
 )  # fmt: skip
 # Model settings a resumed run may change: how the same model is computed, not what it is.
 MODEL_RESUMABLE_CHANGES = ("attention", "scan_layers", "remat")
@@ -142,15 +143,18 @@ def make_train_step(
     `grad_accum` > 1 averages the gradients of that many micro-batches (`loss_and_grads`).
     `shardings`: (state shardings, batch sharding) from `jaxgpt.parallel`; the compiled step
     then takes and returns the state with exactly those shardings (metrics replicated).
+    The loss goes to optimizers that take extra args (`optim.skip_nonfinite` checks it).
     """
     gather = _fsdp_gather(shardings)
+    extra_args = isinstance(tx, optax.GradientTransformationExtraArgs)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         dropout_key = jax.random.fold_in(state.key, state.step)
         loss, grads = loss_and_grads(
             config, state.params, batch, dropout_key, grad_accum, gather=gather
         )
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        kw = {"loss": loss} if extra_args else {}
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, **kw)
         params = optax.apply_updates(state.params, updates)
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new, {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": _lr(opt_state)}
@@ -225,6 +229,8 @@ class _Run:
     on_event: EventFn
     position: data.DataPosition
     tokens_seen: int = 0
+    skipped: int = 0  # non-finite steps skipped so far (reported when it grows)
+    stop: runguard.StopSignals | None = None  # set while fit holds the run folder
     rows: list[dict[str, float]] = field(default_factory=list)
     clock: tuple[float, int] = (0.0, 0)  # (train seconds, tokens_seen) at the last evaluation
     mesh: Any = None  # a jax Mesh; None: one device, unsharded (the original path)
@@ -286,6 +292,11 @@ def _prepare(config: GPTConfig, tc: TrainConfig, resume: bool, on_event: EventFn
     total = tc.epochs * steps_per_epoch
     total = min(total, tc.max_steps) if tc.max_steps else total
     main = parallel.is_main_process()
+    if tc.warmup_steps >= total:
+        raise ValueError(
+            f"warmup_steps={tc.warmup_steps} is not shorter than the run ({total} steps); "
+            f"pass --warmup-steps below {total} (e.g. {total // 10})"
+        )
     return _Run(
         config, tc, run_dir, splits, stride, steps_per_epoch, total,
         (on_event or _log_event) if main else _quiet, data.DataPosition(seed=tc.seed),
@@ -348,6 +359,8 @@ def _start_state(run: _Run, tx: optax.GradientTransformation, resume: bool) -> T
         return state
     with checkpoint.manager(run.dir, keep=run.tc.keep) as mngr:
         state, meta = checkpoint.restore(mngr, like, shardings=shardings)
+    if run.main:
+        checkpoint.set_aside_newer(run.dir, int(state.step))  # damaged ones restore passed over
     run.position = data.DataPosition.from_dict(meta["position"])
     run.tokens_seen = int(meta["tokens_seen"])
     if run.main:
@@ -371,10 +384,48 @@ def _sharded_init(run: _Run, tx: optax.GradientTransformation, concrete: bool) -
     return (parallel.init_sharded(init, shardings) if concrete else jax.eval_shape(init)), shardings
 
 
+def _check_finite(run: _Run, state: TrainState) -> None:
+    """Raise NonFiniteError when the optimizer guard has halted (one scalar read: call it
+    where the host syncs anyway, before evaluations and saves)."""
+    opt = state.opt_state
+    if not isinstance(opt, SkipNonfiniteState):
+        return
+    halted_at, skipped = int(opt.halted_at), int(opt.skipped)
+    if halted_at:
+        last = checkpoint.latest_step(run.dir)
+        where = None if last is None else str(run.dir / checkpoint.CHECKPOINTS / str(last))
+        raise runguard.NonFiniteError(halted_at, float(opt.halted_loss), where)
+    if skipped > run.skipped:
+        log.warning("skipped %d non-finite steps so far (--skip-nonfinite)", skipped)
+        run.skipped = skipped
+
+
 def _save(run: _Run, mngr: Any, state: TrainState) -> None:
+    _check_finite(run, state)  # never save a halted (diverged) run
     meta = {"position": run.position.to_dict(), "tokens_seen": run.tokens_seen}
-    checkpoint.save(mngr, state, meta)
-    run.on_event("checkpoint", {"step": int(state.step), "dir": str(mngr.directory)})
+    step = int(state.step)
+    try:
+        checkpoint.save(mngr, state, meta)
+    except (OSError, ValueError, RuntimeError) as e:  # tensorstore reports ENOSPC as ValueError
+        newest = [s for s in checkpoint.list_steps(run.dir) if s != step]
+        raise runguard.CheckpointWriteError(
+            f"could not write the checkpoint of step {step} to {mngr.directory} "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); older "
+            f"checkpoints are intact (newest: {max(newest, default=None)}); free disk space "
+            "and --resume"
+        ) from e
+    run.on_event("checkpoint", {"step": step, "dir": str(mngr.directory)})
+
+
+def _stop_if_signalled(run: _Run, mngr: Any, state: TrainState) -> None:
+    """Between steps: after SIGTERM/SIGINT, save the state and raise TrainingInterrupted."""
+    stop = run.stop
+    if stop is None or stop.signum is None:
+        return
+    _save_on_interrupt(run, mngr, state)
+    step = int(state.step)
+    where = str(Path(mngr.directory) / str(step))
+    raise runguard.TrainingInterrupted(stop.signum, step, where, str(run.dir))
 
 
 def _save_on_interrupt(run: _Run, mngr: Any, state: TrainState) -> None:
@@ -415,6 +466,7 @@ def _show_step(run: _Run, m: dict, timer: metrics.PhaseTimer, bar: metrics.Progr
 def _eval_and_show(
     run: _Run, state: TrainState, m: dict, eval_step: Callable, timer: metrics.PhaseTimer
 ) -> None:
+    _check_finite(run, state)
     tick, tick_tokens = run.clock
     train_s = timer.seconds["train"] - tick
     tok_s = (run.tokens_seen - tick_tokens) / train_s if train_s > 0 else float("nan")
@@ -460,14 +512,21 @@ def fit(
     payload)` receives "start", "untrained", "eval", "sample", "checkpoint", "done" (with
     "times": wall seconds per phase, compilation split out); the default logs them.
 
+    A lock on the run folder refuses a second run into it. SIGTERM/SIGINT finish the
+    current step, save it and raise `TrainingInterrupted` (a second signal: `SaveAborted`).
+
     Raises:
       ValueError: bad data or run folder (the run folder is never deleted or overwritten).
+      runguard.NonFiniteError: non-finite loss/gradients past `tc.skip_nonfinite`.
+      runguard.TrainingInterrupted: after a stop signal, with the checkpoint saved.
+      runguard.CheckpointWriteError: a save failed (disk full...); older ones are intact.
     """
     timer = metrics.PhaseTimer()
-    with timer:
+    with timer, contextlib.ExitStack() as held:
         with timer.phase("setup"):
             run = _prepare(config, tc, resume, on_event)
             tx = make_optimizer(tc, run.total_steps)
+            _hold_run_dir(held, run, tx, resume)
             state = _start_state(run, tx, resume)
             shardings = None
             if run.mesh is not None:
@@ -490,6 +549,18 @@ def fit(
     return FitResult(state, run.rows, times)
 
 
+def _hold_run_dir(
+    held: contextlib.ExitStack, run: _Run, tx: optax.GradientTransformation, resume: bool
+) -> None:
+    """Lock the run folder and catch stop signals for the rest of `fit`; then check the
+    folder again (no other run can write it now) and the free space for one checkpoint."""
+    held.enter_context(runguard.RunLock(run.dir))
+    run.stop = held.enter_context(runguard.StopSignals())
+    _check_run_dir(run.dir, run.config, run.tc, resume)
+    like = jax.eval_shape(lambda: init_train_state(run.config, tx, jax.random.key(0)))
+    runguard.check_free_space(run.dir, checkpoint.state_bytes(like), run.tc.keep)
+
+
 def _train_loop(
     run: _Run,
     state: TrainState,
@@ -507,6 +578,7 @@ def _train_loop(
     step, m, shown = int(state.step), None, None
     run.clock = (timer.seconds["train"], run.tokens_seen)
     try:
+        _stop_if_signalled(run, mngr, state)  # a signal during setup or the first evaluation
         while step < run.total_steps and run.position.epoch < tc.epochs:
             epoch = run.position.epoch
             for batch in data.batches(
@@ -528,11 +600,12 @@ def _train_loop(
                         jax.block_until_ready(m)  # the step's compute counts as training
                 if (step - 1) % tc.eval_freq == 0:  # the book's global_step % eval_freq == 0
                     _eval_and_show(run, state, m, eval_step, timer)
-                if step % tc.checkpoint_every == 0:
-                    with timer.phase("checkpoint"):
+                if step % tc.checkpoint_every == 0 and step < run.total_steps:
+                    with timer.phase("checkpoint"):  # (the last step: after its final eval)
                         _save(run, mngr, state)
                 if step >= run.total_steps:
                     break
+                _stop_if_signalled(run, mngr, state)
             with timer.phase("train"):
                 jax.block_until_ready(m)  # queued steps are training time, not sampling time
             with timer.phase("sample"):

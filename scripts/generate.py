@@ -116,6 +116,8 @@ def stream(
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     prompts = args.prompt or ["Every effort moves you"]
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
     eos = parse_eos(args.eos)
     if args.stream and (len(prompts) != 1 or args.num_beams != 1 or args.json):
         raise ValueError("--stream takes one --prompt, no --num-beams and no --json")
@@ -141,6 +143,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.length_penalty,
     )
     config, params = load_model(args)
+    for i, p in enumerate(ids):
+        if len(p) > config.context_length:  # generate crops as the book does; say so
+            sys.stderr.write(
+                f"generate.py: warning: prompt {i + 1} has {len(p)} tokens, more than the "
+                f"context of {config.context_length}; the model sees its last "
+                f"{config.context_length} (as the book crops)\n"
+            )
     if args.stream and len(ids[0]) + args.max_new_tokens <= config.context_length:
         print(prompts[0], end="", flush=True)
         outs = [stream(params, config, ids[0], args, eos)]

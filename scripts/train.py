@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 from jaxgpt.checkpoint import CONFIG_FILE, load_run_config
 from jaxgpt.config import ATTENTIONS, PRESETS, REMATS, GPTConfig, TrainConfig, get_preset
+from jaxgpt.runguard import CheckpointWriteError, NonFiniteError, SaveAborted, TrainingInterrupted
 from jaxgpt.train import enable_compile_cache, fit
 
 DEFAULT_MODEL = "small"
@@ -87,6 +88,8 @@ TRAIN_HELP = {
     "optimizer state); default: every device on data; a resumed run may change it",
     "sampling": 'training windows: "sequential" (the book\'s, shuffled each epoch) or '
     '"random" offsets (for corpora too large for epochs)',
+    "skip_nonfinite": "skip up to N steps in a row whose loss or gradients are nan/inf "
+    "(params stay unchanged), then stop; 0 stops at the first",
 }
 
 
@@ -153,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in --out from its newest checkpoint, with its saved settings "
         "(flags given here override those that may change, e.g. --epochs)",
     )
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return p
 
 
@@ -171,6 +175,43 @@ def configs(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 done, 2 bad input, 1 the run failed,
+    128 + N stopped by signal N after saving)."""
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(argv)
+    except TrainingInterrupted as e:
+        _err(
+            f"stopped by {_signame(e.signum)} after step {e.step}; checkpoint saved in "
+            f"{e.checkpoint}; resume with: python scripts/train.py --resume --out {e.run_dir}"
+        )
+        return e.exit_code
+    except SaveAborted as e:
+        _err(f"{e}; the save in progress was abandoned, older checkpoints are intact")
+        return e.exit_code
+    except (NonFiniteError, CheckpointWriteError) as e:
+        if debug:
+            raise
+        _err(str(e))
+        return 1
+    except (ValueError, FileNotFoundError, UnicodeDecodeError, OSError) as e:
+        if debug:
+            raise
+        _err(str(e))
+        return 2
+
+
+def _err(line: str) -> None:
+    print(f"train.py: error: {line}", file=sys.stderr)
+
+
+def _signame(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _init_distributed(args)  # before anything touches a device
@@ -234,9 +275,10 @@ def _print_event(name: str, e: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING)
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError) as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    status = main()
+    if status > 128:  # stopped by a signal: leave now, not after Orbax's writer threads
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)

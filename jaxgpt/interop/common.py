@@ -64,7 +64,10 @@ def build_params(flat: Flat, config: GPTConfig, source: str) -> Params:
         raise ValueError(f"{source}: params do not match the config: {'; '.join(parts)}")
     bad = [f"{k} {flat[k].shape} != {want[k]}" for k in sorted(want) if flat[k].shape != want[k]]
     if bad:
-        raise ValueError(f"{source}: shapes disagree with the config: {_names(bad, 4)}")
+        raise ValueError(
+            f"{source}: shapes disagree with the config: {_names(bad, 4)}; the weights do not "
+            "belong to that config: pass the matching config (or --model) or other weights"
+        )
     dtype = jnp.dtype(config.param_dtype)
     return to_layout(unflatten({k: jnp.asarray(v, dtype) for k, v in flat.items()}), config)
 

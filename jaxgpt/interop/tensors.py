@@ -28,20 +28,43 @@ def numpy_dict(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return {str(k): as_numpy(v) for k, v in state.items()}
 
 
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
 def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """(tensors, metadata) of a .safetensors file, as NumPy; no pickle involved."""
+    """(tensors, metadata) of a .safetensors file, as NumPy; no pickle involved.
+
+    Raises:
+      ValueError: a truncated or malformed file (safetensors checks the header and sizes).
+    """
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="np") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    try:
+        with safe_open(str(path), framework="np") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:  # SafetensorError derives from Exception only
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(
+            f"{path} is not a readable .safetensors file ({_one_line(e)}); is it truncated?"
+        ) from e
 
 
 def safetensors_keys(path: str | Path) -> list[str]:
     """Tensor names of a .safetensors file, from its header only."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="np") as f:
-        return list(f.keys())
+    try:
+        with safe_open(str(path), framework="np") as f:
+            return list(f.keys())
+    except Exception as e:  # SafetensorError derives from Exception only
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(
+            f"{path} is not a readable .safetensors file ({_one_line(e)}); is it truncated?"
+        ) from e
 
 
 def read_torch(path: str | Path) -> Any:
@@ -53,7 +76,10 @@ def read_torch(path: str | Path) -> Any:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError/RuntimeError on unsafe or bad files
-        raise ValueError(f"{path} is not a plain tensor file torch can load safely: {e}") from e
+        raise ValueError(
+            f"{path} is not a plain tensor file torch can load safely ({_one_line(e)}); "
+            "refused without running it: re-save it as a state dict or .safetensors"
+        ) from e
 
 
 def write_safetensors(

@@ -1,0 +1,154 @@
+"""What keeps a training run safe on a real machine: a run-folder lock, a disk-space check,
+stop signals handled between steps, and the errors `fit` stops with (scripts map them to
+exit codes)."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+LOCK_FILE = ".lock"
+# Exit statuses the shells use for "killed by signal N": 128 + N.
+SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss or gradients past `skip_nonfinite`; nothing saved."""
+
+    def __init__(self, step: int, loss: float, last_checkpoint: str | None) -> None:
+        self.step, self.loss, self.last_checkpoint = step, loss, last_checkpoint
+        what = "gradients" if loss == loss and abs(loss) != float("inf") else "loss"
+        last = last_checkpoint or "none yet"
+        super().__init__(
+            f"non-finite {what} at step {step} (loss {loss}); stopped without saving it; "
+            f"last good checkpoint: {last}; resume it with a lower --lr, --grad-clip, or "
+            "--skip-nonfinite N"
+        )
+
+
+class TrainingInterrupted(Exception):  # noqa: N818 (a stop, not an error)
+    """A stop signal arrived; the state after the current step is saved in `checkpoint`."""
+
+    def __init__(self, signum: int, step: int, checkpoint: str, run_dir: str) -> None:
+        self.signum, self.step, self.checkpoint, self.run_dir = signum, step, checkpoint, run_dir
+        super().__init__(f"{SIGNAL_NAMES.get(signum, signum)} after step {step}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class SaveAborted(BaseException):  # noqa: N818 (BaseException: no `except Exception` eats it)
+    """A second stop signal arrived while the first was being handled (e.g. during the save)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"second {SIGNAL_NAMES.get(signum, signum)}: stopped at once")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, folder unwritable); older ones are kept."""
+
+
+class StopSignals:
+    """Turn SIGTERM/SIGINT into a flag the fit loop checks between steps; a second signal
+    raises `SaveAborted` at once. Installed only in the main thread (Python's rule)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None:
+            raise SaveAborted(signum)
+        self.signum = signum
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in SIGNAL_NAMES:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class RunLock:
+    """An exclusive `flock` on `run_dir/.lock` for the run's lifetime.
+
+    The kernel drops the lock when the process ends in any way (SIGKILL included), so a
+    lock left by a killed run is simply free again; the file itself stays.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self._fd: int | None = None
+        self._made: list[Path] = []  # folders this lock created (removed again if left empty)
+
+    def __enter__(self) -> RunLock:
+        try:
+            missing = [p for p in [self.path.parent, *self.path.parent.parents] if not p.exists()]
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._made = missing
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ValueError(
+                f"run folder {str(self.path.parent)!r} is not writable ({e.strerror}); "
+                "choose another --out"
+            ) from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise ValueError(
+                f"run folder {str(self.path.parent)!r} is in use by another run (pid {holder}); "
+                "wait for it to end or choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is None:
+            return
+        # A run that failed before writing anything leaves no trace: not even its folder.
+        if self._made and [p.name for p in self.path.parent.iterdir()] == [LOCK_FILE]:
+            self.path.unlink()
+            for p in self._made:  # deepest first
+                p.rmdir()
+        os.close(self._fd)  # closing the descriptor releases the flock
+        self._fd = None
+
+
+def check_free_space(run_dir: str | os.PathLike, checkpoint_bytes: int, keep: int) -> None:
+    """Refuse to start when the disk cannot hold one more checkpoint of `checkpoint_bytes`.
+
+    Raises:
+      ValueError: naming the free and needed space and the folder.
+    """
+    where = Path(run_dir).absolute()
+    while not where.exists():  # the run folder may not exist yet: measure where it will be
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    need = int(checkpoint_bytes * 1.1) + (1 << 20)  # + Orbax metadata and headroom
+    if free < need:
+        raise ValueError(
+            f"only {free / 2**20:.0f} MiB free under {str(run_dir)!r} but one checkpoint "
+            f"needs ~{need / 2**20:.0f} MiB ({keep} are kept); free space or choose another --out"
+        )
