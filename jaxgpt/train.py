@@ -554,8 +554,10 @@ def _hold_run_dir(
 ) -> None:
     """Lock the run folder and catch stop signals for the rest of `fit`; then check the
     folder again (no other run can write it now) and the free space for one checkpoint."""
-    held.enter_context(runguard.RunLock(run.dir))
     run.stop = held.enter_context(runguard.StopSignals())
+    if not run.main:  # the processes of one run share its folder; process 0 owns it
+        return
+    held.enter_context(runguard.RunLock(run.dir))
     _check_run_dir(run.dir, run.config, run.tc, resume)
     like = jax.eval_shape(lambda: init_train_state(run.config, tx, jax.random.key(0)))
     runguard.check_free_space(run.dir, checkpoint.state_bytes(like), run.tc.keep)

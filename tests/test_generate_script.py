@@ -69,7 +69,7 @@ def test_stream_prints_the_same_tokens_as_generate(capsys: pytest.CaptureFixture
         (["--top-k", "50258", "--temperature", "1"], "top_k=50258"),
         (["--top-p", "1.5", "--temperature", "1"], "top_p=1.5"),
         (["--prompt", ""], "--prompt number 1 is empty"),
-        (["--max-new-tokens", "-2"], "max_new_tokens=-2"),
+        (["--max-new-tokens", "-2"], "--max-new-tokens=-2"),
         (["--eos", "eot"], "--eos='eot'"),
         (["--model", "huge"], "huge"),
         (["--weights", "/no/such/run"], "/no/such/run"),
