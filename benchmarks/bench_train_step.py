@@ -30,6 +30,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from gpu_step import flops_per_token, matmul_params, peak_flops  # one FLOP count, one peak table
 from machine import machine  # benchmarks/machine.py (run as a script: its folder is on sys.path)
 
 from jaxgpt.config import GPTConfig, TrainConfig, get_preset
@@ -37,20 +38,6 @@ from jaxgpt.optim import make_optimizer
 from jaxgpt.train import init_train_state, make_train_step
 
 DEFAULT_CONFIGS = ("small:8", "book-124m:2")
-# Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, without sparsity).
-DATASHEET_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "L4": 121.0, "A10": 125.0}
-
-
-def matmul_params(cfg: GPTConfig) -> int:
-    """N: weights that take part in matmuls: 12 L d^2 in the blocks plus the d x vocab head."""
-    return 12 * cfg.n_layers * cfg.emb_dim**2 + cfg.emb_dim * cfg.vocab_size
-
-
-def step_flops(cfg: GPTConfig, batch: int, seq: int, causal: bool = False) -> float:
-    """Forward + backward FLOPs of one step: 6 N per token plus attention, 12 L d T per token
-    (PaLM appendix B, nanoGPT) or half that when only the causal half is counted (llm.c)."""
-    attention = (6 if causal else 12) * cfg.n_layers * cfg.emb_dim * seq
-    return float((6 * matmul_params(cfg) + attention) * batch * seq)
 
 
 def _timed(fn: Callable[[], None]) -> float:
@@ -158,7 +145,7 @@ def bench_config(
     for _ in range(args.repeats):  # alternate, so drift hits every side
         for side, run in runners.items():
             times[side].append(_timed(run))
-    flops = {c: step_flops(cfg, batch, seq, c == "causal") for c in ("nanogpt", "causal")}
+    flops = {c: f * batch * seq for c, f in flops_per_token(cfg, seq).items()}
     rows = []
     for side, ts in times.items():
         med = statistics.median(ts)
@@ -248,11 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     gpu = jax.default_backend() == "gpu"
     if gpu:
         kind = mach["jax_device"]
-        tflops = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in kind), None)
-        if tflops is None:
-            print(f"error: no datasheet peak for {kind!r}; add it to DATASHEET_BF16_TFLOPS")
+        peak = peak_flops(kind)
+        if peak is None:
+            print(f"error: no datasheet peak for {kind!r}; add it to gpu_step.PEAK_BF16")
             return 2
-        peak, peak_info = tflops * 1e12, {"source": "datasheet bf16", "flops": tflops * 1e12}
+        peak_info = {"source": "datasheet bf16", "flops": peak}
     else:
         measured = cpu_matmul_peak()
         peak = measured["jax"]

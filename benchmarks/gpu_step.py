@@ -32,7 +32,7 @@ from jaxgpt.train import init_train_state, make_train_step
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu_step.json"
 # Datasheet dense bf16 tensor-core peaks, FLOP/s (no sparsity): matched against device_kind.
-PEAK_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
+PEAK_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "L4": 121e12, "A10": 125e12}
 # name -> GPTConfig changes against the baseline; "drop" variants also train with dropout.
 VARIANTS: dict[str, dict[str, Any]] = {
     "base": {},
@@ -58,6 +58,12 @@ def peak_flops(device_kind: str) -> float | None:
     return None
 
 
+def matmul_params(cfg: GPTConfig) -> int:
+    """N: weights in matmuls, 12 e^2 per block plus the e x vocab head (padded vocab counted)."""
+    vocab = getattr(cfg, "padded_vocab", cfg.vocab_size)
+    return 12 * cfg.n_layers * cfg.emb_dim**2 + cfg.emb_dim * vocab
+
+
 def flops_per_token(cfg: GPTConfig, seq: int) -> dict[str, float]:
     """Model FLOPs per trained token, forward + backward, in both conventions.
 
@@ -65,8 +71,7 @@ def flops_per_token(cfg: GPTConfig, seq: int) -> dict[str, float]:
     nanoGPT/PaLM: 6 N + 12 L e T (attention scores and context, full square).
     llm.c/MaxText: 6 N + 6 L e T (causal: only the lower triangle is useful work).
     """
-    vocab = getattr(cfg, "padded_vocab", cfg.vocab_size)
-    n = 12 * cfg.n_layers * cfg.emb_dim**2 + cfg.emb_dim * vocab
+    n = matmul_params(cfg)
     attn = cfg.n_layers * cfg.emb_dim * seq
     return {"nanogpt": 6.0 * n + 12.0 * attn, "causal": 6.0 * n + 6.0 * attn}
 

@@ -457,19 +457,23 @@ def _show_step(run: _Run, m: dict, timer: metrics.PhaseTimer, bar: metrics.Progr
     """Refresh the bar with a finished step's loss and the training tokens/s since the last
     evaluation (train time only, compilation excluded). Reading the loss waits for that step."""
     loss = float(m["loss"])
+    tokens, tok_s = _train_tokens_per_sec(run, timer)
+    enough = tokens > 2 * run.tc.batch_size * run.config.context_length  # else: keep the last
+    bar.show(loss, tok_s if enough else None, timer.seconds["compile"])
+
+
+def _train_tokens_per_sec(run: _Run, timer: metrics.PhaseTimer) -> tuple[int, float]:
+    """(tokens, tokens/s) trained since the last evaluation, over train time only."""
     tick, tick_tokens = run.clock
     tokens, train_s = run.tokens_seen - tick_tokens, timer.seconds["train"] - tick
-    tok_s = tokens / train_s if tokens > 2 * run.tc.batch_size * run.config.context_length else None
-    bar.show(loss, tok_s, timer.seconds["compile"])
+    return tokens, tokens / train_s if train_s > 0 else float("nan")
 
 
 def _eval_and_show(
     run: _Run, state: TrainState, m: dict, eval_step: Callable, timer: metrics.PhaseTimer
 ) -> None:
     _check_finite(run, state)
-    tick, tick_tokens = run.clock
-    train_s = timer.seconds["train"] - tick
-    tok_s = (run.tokens_seen - tick_tokens) / train_s if train_s > 0 else float("nan")
+    _, tok_s = _train_tokens_per_sec(run, timer)
     with timer.phase("eval"):
         _eval_row(run, state, m, eval_step, tok_s)
     run.clock = (timer.seconds["train"], run.tokens_seen)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,38 +34,36 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
 
+@contextlib.contextmanager
+def _safetensors(path: str | Path) -> Iterator[Any]:
+    """`safe_open(path)` whose errors (in the header or any read) become one ValueError."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            yield f
+    except Exception as e:  # SafetensorError derives from Exception only
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(
+            f"{path} is not a readable .safetensors file ({_one_line(e)}); is it truncated?"
+        ) from e
+
+
 def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """(tensors, metadata) of a .safetensors file, as NumPy; no pickle involved.
 
     Raises:
       ValueError: a truncated or malformed file (safetensors checks the header and sizes).
     """
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="np") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    except Exception as e:  # SafetensorError derives from Exception only
-        if isinstance(e, FileNotFoundError):
-            raise
-        raise ValueError(
-            f"{path} is not a readable .safetensors file ({_one_line(e)}); is it truncated?"
-        ) from e
+    with _safetensors(path) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
 
 
 def safetensors_keys(path: str | Path) -> list[str]:
     """Tensor names of a .safetensors file, from its header only."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="np") as f:
-            return list(f.keys())
-    except Exception as e:  # SafetensorError derives from Exception only
-        if isinstance(e, FileNotFoundError):
-            raise
-        raise ValueError(
-            f"{path} is not a readable .safetensors file ({_one_line(e)}); is it truncated?"
-        ) from e
+    with _safetensors(path) as f:
+        return list(f.keys())
 
 
 def read_torch(path: str | Path) -> Any:
