@@ -35,7 +35,7 @@ from machine import machine  # benchmarks/machine.py (run as a script: its folde
 
 from jaxgpt.config import GPTConfig, TrainConfig, get_preset
 from jaxgpt.optim import make_optimizer
-from jaxgpt.train import init_train_state, make_train_step
+from jaxgpt.train import init_train_state, make_train_step, reuse_host_memory
 
 DEFAULT_CONFIGS = ("small:8", "book-124m:2")
 
@@ -215,6 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-torch", action="store_true", help="time jaxgpt only")
     ap.add_argument("--torch-compile", action="store_true", help="add torch.compile (slow start)")
     ap.add_argument("--profile", action="store_true", help="trace jaxgpt's step; print top ops")
+    ap.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="leave glibc's malloc as it is; by default it is tuned as "
+        "scripts/train.py tunes it (train.reuse_host_memory), process-wide, so every "
+        "side shares it",
+    )
     ap.add_argument("--out", default="benchmarks/results/train_step.json")
     ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
                     help="gpu: gpt2 124M in bf16, each accelerator switch on and off "
@@ -231,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # Before machine(): the first JAX call starts the worker threads that pick malloc arenas.
+    malloc = "glibc default" if args.system_malloc or not reuse_host_memory() else "reuse"
     mach = machine()
     gpu = jax.default_backend() == "gpu"
     if gpu:
@@ -247,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                      "torch_flops": measured.get("torch")}  # fmt: skip
     print(f"# {mach['cpu']} ({', '.join(mach['vector_extensions']) or 'no AVX'}), "
           f"{mach['cores']} cores; jax {mach['versions']['jax']}, torch {mach['versions']['torch']}"
-          f"; peak {peak / 1e9:.0f} GFLOP/s ({peak_info['source']})")  # fmt: skip
+          f"; peak {peak / 1e9:.0f} GFLOP/s ({peak_info['source']}); malloc: {malloc}")  # fmt: skip
     records = []
     for name, cfg, b, s in configs:
         rec = bench_config(cfg, name, b, s, args, peak)
@@ -263,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
                     r["mfu_causal"] *= peak / again
             peak_info["flops"] = peak = again
     result = {
-        "benchmark": "train_step", **mach, "peak": peak_info, "repeats": args.repeats,
+        "benchmark": "train_step", **mach, "peak": peak_info, "host_malloc": malloc,
+        "repeats": args.repeats,
         "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "configs": records,
     }  # fmt: skip

@@ -186,6 +186,9 @@ class TrainConfig(_DictMixin):
     # Persistent XLA compilation cache in `cache_dir`/xla (scripts/train.py turns it on before
     # the first compile), so a second run with the same shapes does not compile again.
     compile_cache: bool = True
+    # Have glibc's malloc keep freed memory for the next step (`train.reuse_host_memory`):
+    # XLA:CPU allocates each step's buffers afresh and glibc would page-fault them in again.
+    reuse_host_memory: bool = True
     # PRNG behind init, dropout and sampling keys. Measured on CPU (small preset), dropout
     # masks cost the same CPU time under threefry and rbg, so the default stays JAX's own.
     prng_impl: str = "threefry2x32"

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 from jaxgpt.checkpoint import CONFIG_FILE, load_run_config
 from jaxgpt.config import ATTENTIONS, PRESETS, REMATS, GPTConfig, TrainConfig, get_preset
 from jaxgpt.runguard import CheckpointWriteError, NonFiniteError, SaveAborted, TrainingInterrupted
-from jaxgpt.train import enable_compile_cache, fit
+from jaxgpt.train import enable_compile_cache, fit, reuse_host_memory
 
 DEFAULT_MODEL = "small"
 # flag -> GPTConfig field; None keeps the preset's value.
@@ -81,6 +81,8 @@ TRAIN_HELP = {
     "data_url": "base URL to download the-verdict.txt from",
     "compile_cache": "keep compiled programs in CACHE_DIR/xla so the next run does not compile "
     "again",
+    "reuse_host_memory": "keep freed host memory for reuse (glibc malloc: one arena, no mmap, "
+    "no trimming), so each step does not page-fault its buffers in again",
     "prng_impl": "JAX PRNG for init, dropout and sampling: threefry2x32, rbg or unsafe_rbg",
     "grad_accum": "average the gradients of this many micro-batches of batch-size/K rows per "
     "update, in one compiled step",
@@ -222,6 +224,8 @@ def _main(argv: list[str] | None) -> int:
         parser.set_defaults(**saved[1].to_dict())
         args = parser.parse_args(argv)
     model, train = configs(args, saved)
+    if train.reuse_host_memory:  # before the first computation starts XLA's threads
+        reuse_host_memory()
     if train.compile_cache:
         enable_compile_cache(train.cache_dir)
     fit(model, train, resume=args.resume, on_event=_print_event)
