@@ -44,9 +44,11 @@ def head_cross_entropy(
 ) -> jax.Array:
     """`cross_entropy(hidden @ head, targets)` with the head fused into the loss.
 
-    The (tokens, vocab) logits are materialised once, in float32; the backward pass turns
-    that buffer into softmax - one_hot in place and feeds it to the two gradient matmuls,
-    where autodiff of log_softmax would keep logits, exp and log-probabilities alive.
+    The (tokens, vocab) logits are materialised once, in float32, and turned in place into
+    exp(logits - max), the residual of the backward pass, which scales it into
+    softmax - one_hot in place again and feeds it to the two gradient matmuls. So exp runs
+    once per logit (autodiff of log_softmax keeps logits, exp and log-probabilities alive,
+    and a residual of logits would need exp again in the backward pass).
 
     Args:
       hidden: float (tokens, emb), the final LayerNorm output.
@@ -82,18 +84,20 @@ def _head_ce_fwd(hidden, head, targets, tied, precision, vocab=None):
         )
     logits = _head_logits(hidden, head, tied, precision, vocab)  # (tokens, vocab)
     m = logits.max(axis=-1, keepdims=True)  # (tokens, 1); the custom VJP takes no grad of it
-    lse = jnp.log(jnp.exp(logits - m).sum(axis=-1, keepdims=True)) + m  # (tokens, 1)
     picked = jnp.take_along_axis(logits, targets[:, None].astype(jnp.int32), axis=-1)
-    loss = (lse - picked).mean()
-    return loss, (hidden, head, targets, logits, lse)
+    e = jnp.exp(logits - m)  # (tokens, vocab), in the logits' buffer
+    s = e.sum(axis=-1, keepdims=True)  # (tokens, 1), >= 1 (the max's own term)
+    loss = (jnp.log(s) + m - picked).mean()
+    return loss, (hidden, head, targets, e, s)
 
 
 def _head_ce_bwd(tied, precision, vocab, res, g):
-    hidden, head, targets, logits, lse = res
-    n, vocab = logits.shape
+    hidden, head, targets, e, s = res
+    n, vocab = e.shape
     hit = jnp.arange(vocab, dtype=jnp.int32)[None, :] == targets[:, None].astype(jnp.int32)
-    # d loss / d logits = (softmax - one_hot) / tokens, formed in place of the logits.
-    d = ((jnp.exp(logits - lse) - hit.astype(jnp.float32)) * (g / n)).astype(hidden.dtype)
+    # d loss / d logits = (softmax - one_hot) / tokens = (e / s - one_hot) * g / n, in place.
+    scale = g / n
+    d = (e * (scale / s) - jnp.where(hit, scale, 0.0)).astype(hidden.dtype)
     w = head.astype(hidden.dtype)
     if tied:  # head (vocab, emb)
         d_hidden = jax.lax.dot_general(d, w, (((1,), (0,)), ((), ())), precision)
