@@ -76,6 +76,11 @@ def skip_nonfinite(
     were; unlike it, this never gives in: past `max_in_row` bad updates in a row it latches
     `halted_at` and refuses every later update, so params can never turn non-finite. The
     host reads `halted_at` lazily (no sync per step) and stops the run.
+
+    Finite means a finite global norm: one reduction, which the step's `grad_norm` metric
+    shares (a separate isfinite pass over every gradient cost ~3% of a `small` step). It
+    also refuses gradients whose squares overflow float32, which would leave AdamW's second
+    moment infinite. (A branch-free `where` instead of `lax.cond` measured slower on CPU.)
     """
     inner = optax.with_extra_args_support(inner)
 
@@ -88,7 +93,7 @@ def skip_nonfinite(
         )
 
     def update(updates, state, params=None, *, loss=None, **extra):  # noqa: ANN001, ANN202
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(updates)]))
+        finite = jnp.isfinite(optax.global_norm(updates))
         if loss is not None:
             finite = finite & jnp.isfinite(loss)
         count = state.count + 1

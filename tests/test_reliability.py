@@ -66,6 +66,25 @@ def test_skip_nonfinite_refuses_bad_updates_and_latches(max_in_row: int, halt_lo
     _equal(u, {"w": jnp.zeros(3)})
 
 
+@pytest.mark.parametrize(
+    "grad,refused",
+    [
+        ([1.0, 3e19, 1.0], True),  # finite, but (3e19)^2 = 9e38 > float32 max 3.4e38
+        ([1.0, 1e19, 1.0], False),  # 1e38 fits: taken, as torch's AdamW takes it
+        ([1.0, -np.inf, 1.0], True),
+    ],
+)
+def test_skip_nonfinite_refuses_gradients_whose_norm_overflows(grad: list, refused: bool):
+    """The guard checks the global norm: a gradient whose square overflows float32 is refused,
+    since AdamW's second moment (g^2) would be inf and freeze that weight for good."""
+    params = {"w": jnp.zeros(3)}
+    tx = _sgd_guard(5)
+    state = tx.init(params)
+    u, state = tx.update({"w": jnp.asarray(grad, jnp.float32)}, state, params)
+    assert int(state.skipped) == int(refused)
+    assert bool(jnp.all(u["w"] == 0)) == refused
+
+
 def test_skip_nonfinite_tolerates_isolated_bad_steps() -> None:
     params = {"w": jnp.arange(3.0)}
     tx = _sgd_guard(1)
