@@ -216,6 +216,7 @@ def _signame(signum: int) -> str:
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _check_scale_flags(args)  # pure: before JAX, the network or the disk
     _init_distributed(args)  # before anything touches a device
     saved = None
     if args.resume and (Path(args.out) / CONFIG_FILE).is_file():
@@ -232,16 +233,21 @@ def _main(argv: list[str] | None) -> int:
     return 0
 
 
+def _check_scale_flags(args: argparse.Namespace) -> None:
+    """Refuse a malformed --mesh or process flags before the distributed runtime starts: a
+    wrong --process-id would wait on the coordinator instead of failing."""
+    from jaxgpt import parallel
+
+    if args.mesh is not None:
+        parallel.parse_mesh(args.mesh)  # the device count is checked once JAX is up
+    parallel.check_distributed_args(args.coordinator, args.num_processes, args.process_id)
+
+
 def _init_distributed(args: argparse.Namespace) -> None:
     given = [args.coordinator, args.num_processes, args.process_id]
     env = os.environ.get("JAX_COORDINATOR_ADDRESS")
     if not (args.distributed or env or any(x is not None for x in given)):
         return
-    if any(x is not None for x in given) and any(x is None for x in given):
-        raise ValueError(
-            "--coordinator, --num-processes and --process-id go together; pass all three "
-            "(or none, with the JAX_* environment or --distributed)"
-        )
     from jaxgpt import parallel
 
     parallel.initialize_distributed(*given)
