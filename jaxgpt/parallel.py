@@ -171,8 +171,11 @@ def to_local(tree: Any, mesh: Mesh) -> Any:
 def check_distributed_args(
     coordinator: str | None, num_processes: int | None, process_id: int | None
 ) -> None:
-    """Raise ValueError for process flags JAX would only reject later, or never (a wrong
-    `process_id` waits on the coordinator). Pure: runs before JAX or the network start."""
+    """Raise ValueError naming the flag for process arguments that do not describe a run.
+
+    Pure: runs before JAX or the network start. JAX's own checks name no flag, and a
+    coordinator without a port ends in an IndexError, one above 65535 in an abort (SIGABRT).
+    """
     given = (coordinator, num_processes, process_id)
     if all(x is None for x in given):
         return  # JAX reads its environment (JAX_*, Slurm, Open MPI, TPU)

@@ -234,8 +234,8 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _check_scale_flags(args: argparse.Namespace) -> None:
-    """Refuse a malformed --mesh or process flags before the distributed runtime starts: a
-    wrong --process-id would wait on the coordinator instead of failing."""
+    """Refuse a malformed --mesh or process flags before the distributed runtime starts (which
+    would wait for the other processes before the mesh is ever read)."""
     from jaxgpt import parallel
 
     if args.mesh is not None:
