@@ -13,9 +13,10 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from jaxgpt.checkpoint import CONFIG_FILE, load_run_config
+from jaxgpt.cli import Parser
 from jaxgpt.config import ATTENTIONS, PRESETS, REMATS, GPTConfig, TrainConfig, get_preset
 from jaxgpt.runguard import CheckpointWriteError, NonFiniteError, SaveAborted, TrainingInterrupted
 from jaxgpt.train import enable_compile_cache, fit, reuse_host_memory
@@ -95,12 +96,6 @@ TRAIN_HELP = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{self.prog}: error: {message}\n")  # one line, no usage dump
-        sys.exit(2)
-
-
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -111,7 +106,7 @@ def _field_type(f: dataclasses.Field) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help=f"model preset, one of {sorted(PRESETS)} (default: small)")
     for name, text in MODEL_FLAGS.items():
         kind = float if name == "drop_rate" else int

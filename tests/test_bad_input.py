@@ -70,6 +70,19 @@ class _RunsCode:
         return (Path.touch, (self.marker,))
 
 
+# ----------------------------------------------------------------------------- all four
+
+
+@pytest.mark.parametrize("name", ["train", "generate", "convert", "prepare_data"])
+def test_unknown_flag_is_one_line_exit_2(capsys, name: str) -> None:
+    """argparse's own errors (jaxgpt.cli.Parser): one line, no usage dump, exit 2."""
+    with pytest.raises(SystemExit) as e:
+        script(name).main(["--no-such-flag", "1"])
+    assert e.value.code == 2
+    err = one_error(capsys, "error:")
+    assert "usage:" not in err
+
+
 # ----------------------------------------------------------------------------- train.py
 
 
