@@ -51,6 +51,11 @@ def _listing(root: Path) -> list[tuple[str, int]]:
     return sorted((str(p.relative_to(root)), p.stat().st_size) for p in root.rglob("*"))
 
 
+def _stamped(root: Path) -> list[tuple[str, int, int]]:
+    """Each path under `root` with its modification time and size."""
+    return sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*"))
+
+
 def one_error(capsys: pytest.CaptureFixture, *needles: str) -> str:
     """The captured stderr, checked to be one line holding each needle and no traceback."""
     err = capsys.readouterr().err
@@ -180,6 +185,20 @@ def test_train_bad_scale_flags(
     assert train_main(_tiny(corpus_dir, out, *extra)) == 2
     one_error(capsys, *needles)
     assert _listing(tmp_path) == before and not out.exists()
+
+
+def test_resume_onto_a_mesh_too_big_leaves_the_run_as_it_was(
+    train_main, capsys, tmp_path: Path, corpus_dir: Path
+) -> None:
+    out = tmp_path / "run"
+    quiet = ["--no-compile-cache", "--no-reuse-host-memory"]  # nothing outside tmp_path
+    assert train_main(_tiny(corpus_dir, out, *quiet)) == 0
+    capsys.readouterr()
+    before = _stamped(out)
+    args = [*_tiny(corpus_dir, out, "--max-steps", "8"), "--resume", "--mesh", "data=3"]
+    assert train_main(args) == 2
+    one_error(capsys, "'data=3' needs 3 devices but 2", "at most 2")
+    assert _stamped(out) == before  # no lock taken, nothing moved, repaired or written
 
 
 # ----------------------------------------------------------------------------- generate.py
