@@ -28,8 +28,10 @@ MIN_SHARD_SIZE = 2**10
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
-    """`"data=2,fsdp=4"` -> {"data": 2, "fsdp": 4}; missing axes are 1."""
+    """`"data=2,fsdp=4"` -> {"data": 2, "fsdp": 4}; missing axes are 1. Pure: checks the
+    syntax only (the device count is `make_mesh`'s), so it can run before JAX starts."""
     sizes = dict.fromkeys(AXES, 1)
+    seen: set[str] = set()
     for part in spec.split(","):
         name, eq, value = part.strip().partition("=")
         if not eq or name not in sizes or not value.isdigit() or int(value) < 1:
@@ -37,6 +39,9 @@ def parse_mesh(spec: str) -> dict[str, int]:
                 f"--mesh {spec!r}: {part.strip()!r} is not AXIS=SIZE with AXIS in {list(AXES)} "
                 "and SIZE >= 1; e.g. --mesh data=2,fsdp=4"
             )
+        if name in seen:
+            raise ValueError(f"--mesh {spec!r} names {name!r} twice; give each axis once")
+        seen.add(name)
         sizes[name] = int(value)
     return sizes
 
@@ -48,8 +53,9 @@ def make_mesh(spec: str | None, devices: list[Any] | None = None) -> Mesh:
       spec: "data=N,fsdp=M"; None puts every device on `data`.
       devices: the devices to draw from (default: `jax.devices()`, all processes).
     """
+    sizes = parse_mesh(spec) if spec is not None else None  # bad syntax: before any device
     devices = list(jax.devices() if devices is None else devices)
-    sizes = parse_mesh(spec) if spec else {"data": len(devices), "fsdp": 1}
+    sizes = sizes or {"data": len(devices), "fsdp": 1}
     n = math.prod(sizes.values())
     if n > len(devices):
         raise ValueError(
@@ -162,6 +168,37 @@ def to_local(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda x: x.addressable_data(0), whole)
 
 
+def check_distributed_args(
+    coordinator: str | None, num_processes: int | None, process_id: int | None
+) -> None:
+    """Raise ValueError naming the flag for process arguments that do not describe a run.
+
+    Pure: runs before JAX or the network start. JAX's own checks name no flag, and a
+    coordinator without a port ends in an IndexError, one above 65535 in an abort (SIGABRT).
+    """
+    given = (coordinator, num_processes, process_id)
+    if all(x is None for x in given):
+        return  # JAX reads its environment (JAX_*, Slurm, Open MPI, TPU)
+    if any(x is None for x in given):
+        raise ValueError(
+            "--coordinator, --num-processes and --process-id go together; pass all three "
+            "(or none, with the JAX_* environment or --distributed)"
+        )
+    if num_processes < 1:
+        raise ValueError(f"--num-processes={num_processes} must be at least 1")
+    if not 0 <= process_id < num_processes:
+        raise ValueError(
+            f"--process-id={process_id} is not in 0..{num_processes - 1} "
+            f"(--num-processes={num_processes}); number the processes 0 to {num_processes - 1}"
+        )
+    host, colon, port = coordinator.rpartition(":")
+    if not (colon and host and port.isdigit() and 0 < int(port) < 2**16):
+        raise ValueError(
+            f"--coordinator={coordinator!r} is not HOST:PORT with a port in 1..65535; "
+            "e.g. --coordinator 10.0.0.1:1234 (the address of process 0)"
+        )
+
+
 def initialize_distributed(
     coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
 ) -> None:
@@ -169,7 +206,11 @@ def initialize_distributed(
 
     With no arguments `jax.distributed.initialize` reads `JAX_COORDINATOR_ADDRESS`,
     `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID` or detects Slurm, Open MPI and TPU pods.
+
+    Raises:
+      ValueError: the arguments do not describe a run (`check_distributed_args`).
     """
+    check_distributed_args(coordinator, num_processes, process_id)
     jax.distributed.initialize(
         coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
     )

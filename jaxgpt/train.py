@@ -301,6 +301,7 @@ def _prepare(config: GPTConfig, tc: TrainConfig, resume: bool, on_event: EventFn
     run_dir = Path(tc.out)
     _check_run_dir(run_dir, config, tc, resume)
     parallel.sync("jaxgpt: run folder checked")  # before process 0 writes into it
+    mesh = _mesh(tc)  # a mesh that does not fit fails before the corpus is read or fetched
     splits = data.load_splits(
         tc.data,
         cache_dir=Path(tc.cache_dir).expanduser(),
@@ -309,7 +310,6 @@ def _prepare(config: GPTConfig, tc: TrainConfig, resume: bool, on_event: EventFn
     )
     stride = tc.stride or config.context_length
     data.check_splits(splits, config.context_length, tc.batch_size, stride)
-    mesh = _mesh(tc)
     n_windows = len(data.window_starts(len(splits.train), config.context_length, stride))
     steps_per_epoch = data.num_batches(n_windows, tc.batch_size, drop_last=True)
     total = tc.epochs * steps_per_epoch

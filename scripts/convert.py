@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from jaxgpt.cli import Parser
 from jaxgpt.config import GPTConfig
 from jaxgpt.interop import FORMATS, OPENAI_BASE_URL, export_book, export_hf, fetch_openai, load
 from jaxgpt.interop.download import OPENAI_SIZES
@@ -22,13 +23,8 @@ from jaxgpt.interop.download import OPENAI_SIZES
 TARGETS = ("jaxgpt", "hf", "book")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--from",
         dest="src",

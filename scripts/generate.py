@@ -12,24 +12,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, NoReturn
+from typing import Any
 
 import jax
 
+from jaxgpt.cli import Parser
 from jaxgpt.config import PRESETS, GPTConfig, get_preset
 from jaxgpt.model import GPT, Params, init_cache, init_params
 from jaxgpt.sampling import check_generate_args, generate, select_tokens
 from jaxgpt.tokenizer import ENDOFTEXT_ID, decode, encode
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{self.prog}: error: {message}\n")  # one line, no usage dump
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument(
         "--weights",

@@ -11,19 +11,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import NoReturn
 
+from jaxgpt.cli import Parser
 from jaxgpt.prepare import CHUNK_CHARS, SHARD_TOKENS, input_files, prepare
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{self.prog}: error: {message}\n")  # one line, no usage dump
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="text files or folders of .txt files")
     p.add_argument("--out", required=True, help="new (or empty) folder for the shards")
     p.add_argument("--val-fraction", type=float, default=0.1, help="validation share (0.1)")

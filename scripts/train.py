@@ -13,9 +13,10 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from jaxgpt.checkpoint import CONFIG_FILE, load_run_config
+from jaxgpt.cli import Parser
 from jaxgpt.config import ATTENTIONS, PRESETS, REMATS, GPTConfig, TrainConfig, get_preset
 from jaxgpt.runguard import CheckpointWriteError, NonFiniteError, SaveAborted, TrainingInterrupted
 from jaxgpt.train import enable_compile_cache, fit, reuse_host_memory
@@ -95,12 +96,6 @@ TRAIN_HELP = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{self.prog}: error: {message}\n")  # one line, no usage dump
-        sys.exit(2)
-
-
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -111,7 +106,7 @@ def _field_type(f: dataclasses.Field) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help=f"model preset, one of {sorted(PRESETS)} (default: small)")
     for name, text in MODEL_FLAGS.items():
         kind = float if name == "drop_rate" else int
@@ -216,6 +211,7 @@ def _signame(signum: int) -> str:
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _check_scale_flags(args)  # pure: before JAX, the network or the disk
     _init_distributed(args)  # before anything touches a device
     saved = None
     if args.resume and (Path(args.out) / CONFIG_FILE).is_file():
@@ -232,16 +228,21 @@ def _main(argv: list[str] | None) -> int:
     return 0
 
 
+def _check_scale_flags(args: argparse.Namespace) -> None:
+    """Refuse a malformed --mesh or process flags before the distributed runtime starts (which
+    would wait for the other processes before the mesh is ever read)."""
+    from jaxgpt import parallel
+
+    if args.mesh is not None:
+        parallel.parse_mesh(args.mesh)  # the device count is checked once JAX is up
+    parallel.check_distributed_args(args.coordinator, args.num_processes, args.process_id)
+
+
 def _init_distributed(args: argparse.Namespace) -> None:
     given = [args.coordinator, args.num_processes, args.process_id]
     env = os.environ.get("JAX_COORDINATOR_ADDRESS")
     if not (args.distributed or env or any(x is not None for x in given)):
         return
-    if any(x is not None for x in given) and any(x is None for x in given):
-        raise ValueError(
-            "--coordinator, --num-processes and --process-id go together; pass all three "
-            "(or none, with the JAX_* environment or --distributed)"
-        )
     from jaxgpt import parallel
 
     parallel.initialize_distributed(*given)

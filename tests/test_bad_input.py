@@ -51,6 +51,11 @@ def _listing(root: Path) -> list[tuple[str, int]]:
     return sorted((str(p.relative_to(root)), p.stat().st_size) for p in root.rglob("*"))
 
 
+def _stamped(root: Path) -> list[tuple[str, int, int]]:
+    """Each path under `root` with its modification time and size."""
+    return sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*"))
+
+
 def one_error(capsys: pytest.CaptureFixture, *needles: str) -> str:
     """The captured stderr, checked to be one line holding each needle and no traceback."""
     err = capsys.readouterr().err
@@ -68,6 +73,19 @@ class _RunsCode:
 
     def __reduce__(self):
         return (Path.touch, (self.marker,))
+
+
+# ----------------------------------------------------------------------------- all four
+
+
+@pytest.mark.parametrize("name", ["train", "generate", "convert", "prepare_data"])
+def test_unknown_flag_is_one_line_exit_2(capsys, name: str) -> None:
+    """argparse's own errors (jaxgpt.cli.Parser): one line, no usage dump, exit 2."""
+    with pytest.raises(SystemExit) as e:
+        script(name).main(["--no-such-flag", "1"])
+    assert e.value.code == 2
+    err = one_error(capsys, "error:")
+    assert "usage:" not in err
 
 
 # ----------------------------------------------------------------------------- train.py
@@ -119,6 +137,68 @@ def test_train_bad_input(train_main, capsys, tmp_path: Path, corpus_dir: Path, c
     assert train_main(_tiny(corpus_dir, out, *extra)) == 2
     one_error(capsys, *needles)
     assert _listing(tmp_path) == before
+
+
+@pytest.fixture
+def no_distributed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bad process flags must be refused before JAX's distributed runtime starts: reaching it
+    fails the test at once (a real start would wait minutes on a coordinator that is not there)."""
+
+    def refuse(*args, **kwargs) -> None:
+        raise AssertionError("jax.distributed.initialize reached with bad flags")
+
+    monkeypatch.setattr(jax.distributed, "initialize", refuse)
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+
+
+COORD = ["--coordinator", "localhost:1234"]
+TWO = ["--num-processes", "2", "--process-id", "0"]
+# case -> (flags, needles); the test process has 2 CPU devices (conftest.py).
+SCALE_CASES = {
+    "mesh_too_big": (["--mesh", "data=3"], ["'data=3' needs 3 devices but 2", "at most 2"]),
+    "mesh_product_too_big": (["--mesh", "data=2,fsdp=2"], ["needs 4 devices but 2"]),
+    "mesh_zero": (["--mesh", "data=0"], ["'data=0' is not AXIS=SIZE", "SIZE >= 1", "e.g. --mesh"]),
+    "mesh_not_int": (["--mesh", "fsdp=x"], ["'fsdp=x' is not AXIS=SIZE", "e.g. --mesh"]),
+    "mesh_unknown_axis": (["--mesh", "foo=2"], ["'foo=2' is not AXIS=SIZE", "['data', 'fsdp']"]),
+    "mesh_axis_twice": (["--mesh", "data=2,data=2"], ["names 'data' twice", "each axis once"]),
+    "mesh_empty": (["--mesh", ""], ["--mesh ''", "is not AXIS=SIZE"]),
+    "only_coordinator": (COORD, ["go together", "pass all three"]),
+    "no_coordinator": (TWO, ["go together", "pass all three"]),
+    "id_too_big": ([*COORD, *TWO[:3], "2"], ["--process-id=2 is not in 0..1", "0 to 1"]),
+    "id_negative": ([*COORD, *TWO[:3], "-1"], ["--process-id=-1 is not in 0..1", "0 to 1"]),
+    "zero_processes": ([*COORD, *TWO[:1], "0", *TWO[2:]], ["--num-processes=0", "least 1"]),
+    "no_port": (["--coordinator", "localhost", *TWO], ["'localhost' is not HOST:PORT"]),
+    "port_too_big": (["--coordinator", "h:99999", *TWO], ["'h:99999' is not", "1..65535"]),
+    "no_host": (["--coordinator", ":1234", *TWO], ["':1234' is not HOST:PORT"]),
+    # refused before the runtime starts, which would wait for the other processes
+    "mesh_with_processes": (["--mesh", "data=0", *COORD, *TWO], ["'data=0' is not AXIS=SIZE"]),
+}
+
+
+@pytest.mark.parametrize("case", list(SCALE_CASES))
+def test_train_bad_scale_flags(
+    train_main, capsys, no_distributed, tmp_path: Path, corpus_dir: Path, case: str
+) -> None:
+    extra, needles = SCALE_CASES[case]
+    out = tmp_path / "run"
+    before = _listing(tmp_path)
+    assert train_main(_tiny(corpus_dir, out, *extra)) == 2
+    one_error(capsys, *needles)
+    assert _listing(tmp_path) == before and not out.exists()
+
+
+def test_resume_onto_a_mesh_too_big_leaves_the_run_as_it_was(
+    train_main, capsys, tmp_path: Path, corpus_dir: Path
+) -> None:
+    out = tmp_path / "run"
+    quiet = ["--no-compile-cache", "--no-reuse-host-memory"]  # nothing outside tmp_path
+    assert train_main(_tiny(corpus_dir, out, *quiet)) == 0
+    capsys.readouterr()
+    before = _stamped(out)
+    args = [*_tiny(corpus_dir, out, "--max-steps", "8"), "--resume", "--mesh", "data=3"]
+    assert train_main(args) == 2
+    one_error(capsys, "'data=3' needs 3 devices but 2", "at most 2")
+    assert _stamped(out) == before  # no lock taken, nothing moved, repaired or written
 
 
 # ----------------------------------------------------------------------------- generate.py

@@ -72,6 +72,17 @@ def test_parse_mesh_and_bad_specs() -> None:
     for bad in ("data=0", "model=2", "data", "data=x", "data=2,"):
         with pytest.raises(ValueError, match="AXIS=SIZE"):
             parallel.parse_mesh(bad)
+    with pytest.raises(ValueError, match="names 'fsdp' twice"):
+        parallel.parse_mesh("fsdp=2,data=1,fsdp=2")
+
+
+def test_distributed_args_valid_pass_bad_raise() -> None:
+    """The checks run before `jax.distributed.initialize`; valid runs must get through."""
+    for good in [(None, None, None), ("10.0.0.1:1234", 2, 1), ("[::1]:80", 1, 0)]:
+        parallel.check_distributed_args(*good)
+    for bad in [("h:1", None, 0), ("h:1", 2, 2), ("h:1", 0, 0), ("h", 2, 0), ("h:0", 2, 0)]:
+        with pytest.raises(ValueError, match="--"):
+            parallel.check_distributed_args(*bad)
 
 
 def test_mesh_takes_first_devices_and_refuses_too_many() -> None:

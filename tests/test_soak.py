@@ -1,7 +1,8 @@
 """Soak (slow): kill a training run 20 times at random moments (SIGKILL or SIGTERM; during
-training, checkpoint writes and evaluation), damage a random checkpoint twice, resume each
-time, and check the finish against an uninterrupted run: parameters and optimizer state bit
-for bit, `metrics.jsonl` with the same rows (no duplicated or missing steps).
+training, checkpoint writes and evaluation), twice damage the checkpoint the next resume would
+read (in a random way), resume each time, and check the finish against an uninterrupted run:
+parameters and optimizer state bit for bit, `metrics.jsonl` with the same rows (no duplicated
+or missing steps).
 
 Run: `python -m pytest -m slow tests/test_soak.py -s` (prints one JSON summary line).
 """
@@ -71,11 +72,13 @@ def _wait_line(proc: subprocess.Popen, text: str) -> bool:
     return False
 
 
-def _damage(rng: random.Random, run: Path) -> str:
+def _damage(rng: random.Random, run: Path) -> tuple[str, Path | None]:
+    """Damage the newest checkpoint, the one the next resume reads first (an older one would
+    just be rotated out unread); returns what was done and the damaged folder."""
     steps = checkpoint.list_steps(run)
     if len(steps) < 2:
-        return "none (fewer than 2 checkpoints)"
-    step = rng.choice(steps)
+        return "none (fewer than 2 checkpoints)", None
+    step = steps[-1]
     d = run / "checkpoints" / str(step)
     how = rng.choice(["truncate", "garbage", "uncommitted"])
     f = max((p for p in d.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
@@ -85,7 +88,12 @@ def _damage(rng: random.Random, run: Path) -> str:
         f.write_bytes(os.urandom(f.stat().st_size))
     else:
         (d / checkpoint.COMMIT_MARKER).unlink()
-    return f"{how} step {step}"
+    return f"{how} step {step}", d
+
+
+def _passed_over(err: str, damaged: Path) -> bool:
+    """The resumed run warned that it skipped `damaged` or set it aside (checkpoint.py)."""
+    return f"{damaged} is damaged" in err or f"checkpoint {damaged} to " in err
 
 
 def _state(run: Path):
@@ -110,7 +118,8 @@ def test_soak_kills_and_damage_end_bit_identical(tmp_path: Path, verdict_text: s
     rng = random.Random(int(os.environ.get("SOAK_SEED", "8")))
     damage_at = set(rng.sample(range(KILLS), 2))
     log, started = [], time.time()
-    finished = False
+    finished, damaged = False, None  # damaged: the folder the next start must pass over
+    passed_over = 0
     for i in range(KILLS):
         args = _args(corpus, run) + (["--resume"] if checkpoint.list_steps(run) else [])
         if not checkpoint.list_steps(run) and run.exists():
@@ -137,15 +146,19 @@ def test_soak_kills_and_damage_end_bit_identical(tmp_path: Path, verdict_text: s
         if rc == 2 and "no intact checkpoint" in err:  # the damage hit every checkpoint left
             log.append({"kind": "restart", "rc": rc})
             shutil.rmtree(run)
+            damaged = None
             continue
         assert rc in (0, -9, 143), err[-3000:]
+        if damaged is not None:
+            assert _passed_over(err, damaged), err[-3000:]
+            passed_over, damaged = passed_over + 1, None
         if rc == 143:
             assert "resume with: python scripts/train.py --resume --out" in err, err[-2000:]
         entry = {"kind": kind, "rc": rc, "steps": checkpoint.list_steps(run)}
         rows = metrics.read_rows(run / metrics.METRICS_FILE)
         entry["last_row_step"] = rows[-1]["step"] if rows else None
-        if i in damage_at:
-            entry["damaged"] = _damage(rng, run)
+        if i in damage_at and rc != 0:
+            entry["damaged"], damaged = _damage(rng, run)
         log.append(entry)
         if rc == 0:
             finished = True
@@ -154,6 +167,9 @@ def test_soak_kills_and_damage_end_bit_identical(tmp_path: Path, verdict_text: s
         proc = _spawn(_args(corpus, run) + ["--resume"])
         _, err = proc.communicate(timeout=900)
         assert proc.returncode == 0, err[-3000:]
+        if damaged is not None:
+            assert _passed_over(err, damaged), err[-3000:]
+            passed_over += 1
         finished = True
     _, err = reference.communicate(timeout=1800)
     assert reference.returncode == 0, err[-3000:]
@@ -173,6 +189,7 @@ def test_soak_kills_and_damage_end_bit_identical(tmp_path: Path, verdict_text: s
         "sigkill": sum(e["rc"] == -9 for e in kills),
         "sigterm_saved": sum(e["rc"] == 143 for e in kills),
         "damaged": [e["damaged"] for e in log if "damaged" in e],
+        "damage_passed_over": passed_over,
         "newest_checkpoint_per_kill": [max(e["steps"], default=None) for e in kills],
         "identical_finish": True,
         "minutes": round((time.time() - started) / 60, 1),
