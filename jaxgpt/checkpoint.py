@@ -113,12 +113,25 @@ def _leaf_sum(x: jax.Array) -> jax.Array:
     return jnp.stack([jnp.sum(u), jnp.sum(u * w) + jnp.uint32(u.size)])
 
 
+@jax.jit
+def _all_leaf_sums(leaves: list[jax.Array]) -> jax.Array:
+    total = jnp.zeros(2, jnp.uint32)
+    for x in leaves:
+        total = total + _leaf_sum(x)
+    return total
+
+
 def _leaf_sums(leaves: list[jax.Array]) -> np.ndarray:
     # Leaves are added up, so their order and container types (dataclass, NamedTuple, or the
-    # dicts Orbax returns without a target) do not matter. One small program per leaf shape
-    # (a few for a GPT) instead of one over all leaves: that one took XLA 15 s to compile for
-    # book-124m's 499 leaves, on every run's first save.
-    sums = jax.device_get([_leaf_sum(jnp.asarray(x)) for x in leaves])  # [(2,) uint32]
+    # dicts Orbax returns without a target) do not matter. In one process: one small program
+    # per leaf shape (a few for a GPT); the one program over all leaves took XLA 15 s to
+    # compile for book-124m's 499 leaves, on every run's first save. Sharded states (a mesh,
+    # several processes) keep that one program: their sums are collectives that every
+    # process must run in step, and per-leaf programs over sharded leaves aborted XLA:CPU.
+    arrays = [jnp.asarray(x) for x in leaves]
+    if jax.process_count() > 1 or any(len(x.sharding.device_set) > 1 for x in arrays):
+        return np.asarray(_all_leaf_sums(arrays))
+    sums = jax.device_get([_leaf_sum(x) for x in arrays])  # [(2,) uint32]
     return np.sum(np.stack(sums), axis=0, dtype=np.uint32) if sums else np.zeros(2, np.uint32)
 
 

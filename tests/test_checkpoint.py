@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -84,3 +85,22 @@ def test_load_rejects_unknown_paths(tmp_path: Path) -> None:
     np.savez(tmp_path / "other.npz", a=np.zeros(2))
     with pytest.raises(ValueError, match="not a jaxgpt params file"):
         checkpoint.load(tmp_path / "other.npz")
+
+
+def test_fingerprint_per_leaf_equals_one_program() -> None:
+    """The per-leaf fingerprint (one device) and the one-program form (sharded states, and
+    every checkpoint written before the split) give the same value, so old checkpoints verify."""
+    from jaxgpt.checkpoint import _all_leaf_sums, fingerprint
+
+    rng = np.random.default_rng(0)
+    tree = {
+        "w": jnp.asarray(rng.normal(size=(3, 5)), jnp.float32),
+        "n": jnp.asarray(rng.integers(-9, 9, size=(7,)), jnp.int32),
+        "flag": jnp.asarray([True, False]),
+        "s": jnp.float32(2.5),
+    }
+    leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
+    whole = "".join(f"{int(v):08x}" for v in np.asarray(_all_leaf_sums(leaves)))
+    assert fingerprint(tree) == whole
+    tree["w"] = tree["w"].at[1, 2].add(1e-3)  # one changed value changes it
+    assert fingerprint(tree) != whole
