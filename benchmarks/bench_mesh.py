@@ -29,27 +29,18 @@ def _variants(model: str, batch: int, meshes: list[str | None]) -> dict[str, Any
     import jax
     import numpy as np
 
-    from jaxgpt import parallel
     from jaxgpt.config import TrainConfig, get_preset
     from jaxgpt.optim import make_optimizer
-    from jaxgpt.train import init_train_state, make_train_step
+    from jaxgpt.train import mesh_train_step
 
     cfg = get_preset(model)
     tx = make_optimizer(TrainConfig(lr=4e-4), 1000)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, cfg.vocab_size, (batch, cfg.context_length + 1)).astype(np.int32)
     host = (ids[:, :-1], ids[:, 1:])  # (batch, seq) each
-    init = lambda: init_train_state(cfg, tx, jax.random.key(0))  # noqa: E731
     out = {}
     for spec in meshes:
-        if spec is None:
-            state, step, put = init(), make_train_step(cfg, tx), lambda b: b
-        else:
-            mesh = parallel.make_mesh(spec)
-            sh = parallel.tree_shardings(jax.eval_shape(init), mesh)
-            state = parallel.init_sharded(init, sh)
-            step = make_train_step(cfg, tx, shardings=(sh, parallel.batch_sharding(mesh)))
-            put = lambda b, mesh=mesh: parallel.put_batch(b, mesh)  # noqa: E731
+        state, step, put = mesh_train_step(cfg, tx, jax.random.key(0), spec)
         state, m = step(state, put(host))  # compile
         jax.block_until_ready(m)
         out[str(spec)] = [state, step, put]

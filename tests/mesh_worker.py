@@ -30,27 +30,19 @@ def _steps(args: dict[str, Any]) -> dict[str, Any]:
     import jax
     import numpy as np
 
-    from jaxgpt import data, parallel, tokenizer
+    from jaxgpt import data, tokenizer
     from jaxgpt.config import TrainConfig, get_preset
     from jaxgpt.optim import make_optimizer
-    from jaxgpt.train import init_train_state, make_train_step
+    from jaxgpt.train import mesh_train_step
 
     config = get_preset("tiny").replace(drop_rate=0.1)  # dropout: the PRNG stream matters
     tc = TrainConfig(batch_size=8, lr=2e-3)
     tokens = tokenizer.encode_array(open(args["corpus"], encoding="utf-8").read())
     batches = list(data.batches(tokens, 8, 16, 16, seed=1, drop_last=True))[: args["steps"]]
     tx = make_optimizer(tc, 100)
-    init = lambda: init_train_state(config, tx, jax.random.key(0))  # noqa: E731
     out: dict[str, Any] = {}
-    for spec in [None, *args["meshes"]]:
-        if spec is None:  # today's one-device path: no mesh, no shardings
-            state, step, put = init(), make_train_step(config, tx), lambda b: b
-        else:
-            mesh = parallel.make_mesh(spec)
-            shardings = parallel.tree_shardings(jax.eval_shape(init), mesh)
-            state = parallel.init_sharded(init, shardings)
-            step = make_train_step(config, tx, shardings=(shardings, parallel.batch_sharding(mesh)))
-            put = lambda b, mesh=mesh: parallel.put_batch(b, mesh)  # noqa: E731
+    for spec in [None, *args["meshes"]]:  # None: today's one-device path
+        state, step, put = mesh_train_step(config, tx, jax.random.key(0), spec)
         losses = []
         for batch in batches:
             state, m = step(state, put(batch))
