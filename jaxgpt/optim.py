@@ -92,8 +92,8 @@ def skip_nonfinite(
             zero(), zero(), zero(), zero(), jnp.full((), jnp.nan, jnp.float32), inner.init(params)
         )
 
-    def update(updates, state, params=None, *, loss=None, **extra):  # noqa: ANN001, ANN202
-        finite = jnp.isfinite(optax.global_norm(updates))
+    def guarded(grads, state, params, loss, extra, apply):  # noqa: ANN001, ANN202
+        finite = jnp.isfinite(optax.global_norm(grads))
         if loss is not None:
             finite = finite & jnp.isfinite(loss)
         count = state.count + 1
@@ -101,12 +101,16 @@ def skip_nonfinite(
         halt_now = (state.halted_at == 0) & (bad_in_row > max_in_row)
         halted_at = jnp.where(halt_now, count, state.halted_at)
         loss = jnp.float32(jnp.nan) if loss is None else jnp.asarray(loss, jnp.float32)
-        updates, inner_state = jax.lax.cond(
-            finite & (halted_at == 0),
-            lambda: inner.update(updates, state.inner_state, params, **extra),
-            lambda: (jax.tree.map(jnp.zeros_like, updates), state.inner_state),
-        )
-        return updates, SkipNonfiniteState(
+
+        def take():  # noqa: ANN202
+            updates, inner_state = inner.update(grads, state.inner_state, params, **extra)
+            return (optax.apply_updates(params, updates) if apply else updates), inner_state
+
+        def refuse():  # noqa: ANN202
+            return (params if apply else jax.tree.map(jnp.zeros_like, grads)), state.inner_state
+
+        out, inner_state = jax.lax.cond(finite & (halted_at == 0), take, refuse)
+        return out, SkipNonfiniteState(
             count=count,
             bad_in_row=bad_in_row,
             skipped=state.skipped + (~finite).astype(jnp.int32),
@@ -115,7 +119,35 @@ def skip_nonfinite(
             inner_state=inner_state,
         )
 
+    def update(updates, state, params=None, *, loss=None, **extra):  # noqa: ANN001, ANN202
+        return guarded(updates, state, params, loss, extra, apply=False)
+
+    def apply(grads, state, params, *, loss=None, **extra):  # noqa: ANN001, ANN202
+        return guarded(grads, state, params, loss, extra, apply=True)
+
+    update.apply = apply  # `apply_gradients` finds it here
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def apply_gradients(
+    tx: optax.GradientTransformation,
+    grads: Params,
+    opt_state: optax.OptState,
+    params: Params,
+    **extra: Any,
+) -> tuple[Params, optax.OptState]:
+    """`tx.update` then `optax.apply_updates`: (new params, new optimizer state).
+
+    Under `skip_nonfinite` the addition to the params runs inside the guard's branch, where
+    XLA fuses it into AdamW's last pass over each leaf instead of writing the updates out
+    and reading them back (`book-124m` step on CPU: 2235 -> 2133 ms). A refused update
+    returns `params` as they were.
+    """
+    apply = getattr(tx.update, "apply", None)
+    if apply is not None:
+        return apply(grads, opt_state, params, **extra)
+    updates, opt_state = tx.update(grads, opt_state, params, **extra)
+    return optax.apply_updates(params, updates), opt_state
 
 
 def chain_state(opt_state: optax.OptState) -> optax.OptState:

@@ -24,7 +24,7 @@ from jaxgpt import checkpoint, data, metrics, parallel, runguard, sampling, toke
 from jaxgpt.config import GPTConfig, TrainConfig
 from jaxgpt.losses import head_cross_entropy
 from jaxgpt.model import GPT, Params, count_params, head_matrix, init_params, precision
-from jaxgpt.optim import SkipNonfiniteState, learning_rate, make_optimizer
+from jaxgpt.optim import SkipNonfiniteState, apply_gradients, learning_rate, make_optimizer
 
 log = logging.getLogger(__name__)
 Batch = tuple[Any, Any]  # inputs, targets: int32 (batch, seq)
@@ -177,8 +177,7 @@ def make_train_step(
             config, state.params, batch, dropout_key, grad_accum, gather=gather
         )
         kw = {"loss": loss} if extra_args else {}
-        updates, opt_state = tx.update(grads, state.opt_state, state.params, **kw)
-        params = optax.apply_updates(state.params, updates)
+        params, opt_state = apply_gradients(tx, grads, state.opt_state, state.params, **kw)
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new, {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": _lr(opt_state)}
 

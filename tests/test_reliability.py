@@ -22,7 +22,7 @@ import pytest
 
 from jaxgpt import checkpoint, metrics, runguard
 from jaxgpt.config import TrainConfig
-from jaxgpt.optim import make_optimizer, skip_nonfinite
+from jaxgpt.optim import apply_gradients, make_optimizer, skip_nonfinite
 from jaxgpt.train import fit, init_train_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,6 +64,33 @@ def test_skip_nonfinite_refuses_bad_updates_and_latches(max_in_row: int, halt_lo
     # Once halted, even a finite update is refused: params can never move again.
     u, state = tx.update(good, state, params, loss=jnp.float32(1.0))
     _equal(u, {"w": jnp.zeros(3)})
+
+
+def test_apply_gradients_adds_inside_the_guard_as_update_then_apply_would():
+    """The train step's path: taken updates land as update + apply_updates (float rounding
+    aside: the addition is fused into the last pass), refused ones leave params as they were."""
+    params = {"w": jnp.arange(3.0), "b": jnp.ones(2)}
+    tx, plain = _sgd_guard(3), optax.chain(optax.scale_by_adam(), optax.scale(-0.1))
+    state, plain_state = tx.init(params), plain.init(params)
+    good = {"w": jnp.array([0.5, -1.0, 2.0]), "b": jnp.array([1.0, -3.0])}
+    new, state = apply_gradients(tx, good, state, params, loss=jnp.float32(1.0))
+    pu, plain_state = plain.update(good, plain_state, params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-7, atol=0),
+        new,
+        optax.apply_updates(params, pu),
+    )
+    assert not np.allclose(new["w"], params["w"])  # it moved
+    _equal(state.inner_state, plain_state)
+    bad = {"w": jnp.array([0.5, jnp.nan, 2.0]), "b": jnp.ones(2)}
+    kept, state = apply_gradients(tx, bad, state, new, loss=jnp.float32(1.0))
+    _equal(kept, new)  # bit for bit
+    _equal(state.inner_state, plain_state)
+    assert int(state.skipped) == 1
+    # Without the guard it is update + apply_updates.
+    sgd = optax.sgd(0.5)
+    moved, _ = apply_gradients(sgd, good, sgd.init(params), params)
+    _equal(moved, jax.tree.map(lambda p, g: p - 0.5 * g, params, good))
 
 
 @pytest.mark.parametrize(
