@@ -211,7 +211,6 @@ def _signame(signum: int) -> str:
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _check_scale_flags(args)  # pure: before JAX, the network or the disk
     _init_distributed(args)  # before anything touches a device
     saved = None
     if args.resume and (Path(args.out) / CONFIG_FILE).is_file():
@@ -228,23 +227,18 @@ def _main(argv: list[str] | None) -> int:
     return 0
 
 
-def _check_scale_flags(args: argparse.Namespace) -> None:
-    """Refuse a malformed --mesh or process flags before the distributed runtime starts (which
-    would wait for the other processes before the mesh is ever read)."""
+def _init_distributed(args: argparse.Namespace) -> None:
+    """Start JAX's distributed runtime when asked. A malformed --mesh is refused first (the
+    runtime would wait for the other processes before the mesh is ever read), and bad process
+    flags by `initialize_distributed` before the runtime starts."""
     from jaxgpt import parallel
 
     if args.mesh is not None:
-        parallel.parse_mesh(args.mesh)  # the device count is checked once JAX is up
-    parallel.check_distributed_args(args.coordinator, args.num_processes, args.process_id)
-
-
-def _init_distributed(args: argparse.Namespace) -> None:
+        parallel.parse_mesh(args.mesh)  # syntax only: the device count is checked once JAX is up
     given = [args.coordinator, args.num_processes, args.process_id]
     env = os.environ.get("JAX_COORDINATOR_ADDRESS")
     if not (args.distributed or env or any(x is not None for x in given)):
         return
-    from jaxgpt import parallel
-
     parallel.initialize_distributed(*given)
 
 
