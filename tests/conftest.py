@@ -1,8 +1,8 @@
-"""Shared fixtures: tiny config, root key, paths into ../shared. Configures JAX before it starts."""
+"""Shared fixtures: tiny config, root key, the corpus under tests/fixtures. Configures JAX before
+it starts."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import jax
@@ -17,8 +17,8 @@ import pytest  # noqa: E402
 from jaxgpt.config import GPTConfig, get_preset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-# ../shared beside the checkout (DESIGN.md); JAXGPT_SHARED overrides for other layouts.
-SHARED = Path(os.environ.get("JAXGPT_SHARED", ROOT.parent / "shared"))
+# The suite carries what it reads: a fresh clone with nothing beside it runs every test.
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 def _has_gpu() -> bool:
@@ -61,12 +61,6 @@ def key() -> jax.Array:
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    if not SHARED.is_dir():
-        pytest.skip(f"shared data folder {SHARED} is missing; set JAXGPT_SHARED")
-    return SHARED
-
-
-@pytest.fixture(scope="session")
-def verdict_text(shared_dir: Path) -> str:
-    return (shared_dir / "data" / "the-verdict.txt").read_text(encoding="utf-8")
+def verdict_text() -> str:
+    """The book's corpus, "The Verdict" (Edith Wharton, 1908, public domain)."""
+    return (FIXTURES / "the-verdict.txt").read_text(encoding="utf-8")
