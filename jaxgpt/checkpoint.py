@@ -180,11 +180,15 @@ def state_bytes(state: Any) -> int:
 
 
 def latest_step(run_dir: str | os.PathLike) -> int | None:
-    """Newest checkpoint step in a run folder, or None when there is none."""
-    if not (Path(run_dir) / CHECKPOINTS).is_dir():
-        return None
-    with manager(run_dir, read_only=True) as mngr:
-        return mngr.latest_step()
+    """Newest checkpoint step in a run folder (finished or not), or None when there is none.
+
+    Reads the folder names only (Orbax names a step's folder by its number once the save is
+    renamed into place). No Orbax manager: building one is a collective in a multi-process
+    run, so a call from one process alone would leave the others at another barrier.
+    """
+    root = Path(run_dir) / CHECKPOINTS
+    steps = [int(p.name) for p in root.iterdir() if p.name.isdigit()] if root.is_dir() else []
+    return max(steps, default=None)
 
 
 def _intact(
@@ -283,6 +287,35 @@ def _quiet_async_errors() -> Iterator[None]:
         sys.unraisablehook, threading.excepthook = hooks
 
 
+def _disk_target(like: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `like`'s state in the layout on disk (layers unrolled, the key as
+    raw uint32 data); with `shardings` (matching `like`) each says where it is read to.
+
+    A scanned run's stacked leaf (layers, ...) is read layer by layer, each layer onto the
+    stacked leaf's sharding less its leading layer axis.
+    """
+    if shardings is None:
+        return jax.eval_shape(_to_saveable, like)
+    abstract = jax.eval_shape(lambda s: s, like)
+    placed = jax.tree.map(
+        lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s), abstract, shardings
+    )
+    raw = jax.eval_shape(jax.random.key_data, abstract.key)  # the key's sharding carries over
+    return placed.replace(
+        key=jax.ShapeDtypeStruct(raw.shape, raw.dtype, sharding=placed.key.sharding),
+        params=unstack_blocks(placed.params, take=_layer_of),
+        opt_state=unstack_blocks(placed.opt_state, take=_layer_of),
+    )
+
+
+def _layer_of(leaf: jax.ShapeDtypeStruct, i: int) -> jax.ShapeDtypeStruct:
+    sharding = leaf.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = jax.sharding.PartitionSpec(*sharding.spec[1:])
+        sharding = jax.sharding.NamedSharding(sharding.mesh, spec)
+    return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype, sharding=sharding)
+
+
 def restore(
     mngr: ocp.CheckpointManager, like: Any, step: int | None = None, *, shardings: Any = None
 ) -> tuple[Any, dict]:
@@ -299,11 +332,7 @@ def restore(
     Raises:
       ValueError: no intact checkpoint, naming the folder.
     """
-    target = jax.eval_shape(_to_saveable, like)  # ShapeDtypeStructs; works on abstract `like`
-    if shardings is not None:  # the key's sharding carries over to its raw uint32 data
-        target = jax.tree.map(
-            lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s), target, shardings
-        )
+    target = _disk_target(like, shardings)
 
     def read(s: int) -> tuple[Any, dict]:
         _check_same_model(Path(mngr.directory) / str(s), target)
@@ -317,8 +346,13 @@ def restore(
 
     _, state, meta = _intact(mngr, step, read)
     if "trf_blocks" in like.params:  # a scanned run: back to the stacked layout
-        state = state.replace(
-            params=stack_blocks(state.params), opt_state=stack_blocks(state.opt_state)
+        stack = lambda s: s.replace(  # noqa: E731
+            params=stack_blocks(s.params), opt_state=stack_blocks(s.opt_state)
+        )
+        # On a mesh the stacked leaves land on the run's own shardings, each device
+        # assembling its shards from the layers it read (one program, every process).
+        state = (
+            stack(state) if shardings is None else jax.jit(stack, out_shardings=shardings)(state)
         )
     # The key's PRNG (threefry2x32, rbg, ...): its dtype carries it, concrete or abstract.
     impl = like.key.dtype._impl.name

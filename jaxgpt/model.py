@@ -8,7 +8,7 @@ in and comes back out (no hidden Flax "cache" collection).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -112,6 +112,7 @@ class MultiHeadAttention(nn.Module):
         positions: jax.Array,  # (batch, seq) int32, absolute position of each token
         kv: dict[str, jax.Array] | None,  # {"k", "v"}: (batch, heads, cache, head_dim)
         deterministic: bool,
+        key: jax.Array | None = None,  # dropout key of the attention weights
     ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         cfg = self.config
         b, s, _ = x.shape
@@ -132,7 +133,8 @@ class MultiHeadAttention(nn.Module):
         causal = key_pos[:, None, None, :] <= positions[:, None, :, None]  # (batch, 1, seq, t)
         # Softmax in fp32; masked with -inf as the book does, then scaled by 1/sqrt(head_dim).
         scores = jnp.where(causal, scores.astype(jnp.float32), -jnp.inf) / math.sqrt(d)
-        weights = self.dropout(jax.nn.softmax(scores, axis=-1), deterministic=deterministic)
+        weights = jax.nn.softmax(scores, axis=-1)
+        weights = self.dropout(weights, deterministic=deterministic, rng=key)
         ctx = jnp.einsum(
             "bhst,bthd->bshd", weights.astype(q.dtype), values.astype(q.dtype), precision=prec
         )
@@ -219,7 +221,12 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-LayerNorm block: x + drop(att(norm1(x))), then x + drop(ff(norm2(x)))."""
+    """Pre-LayerNorm block: x + drop(att(norm1(x))), then x + drop(ff(norm2(x))).
+
+    Dropout draws from the block's own `key` (split three ways: attention weights and the two
+    residual branches), so a layer's masks do not depend on whether the blocks are unrolled
+    or scanned: a run may switch `scan_layers` and go on with the same randomness.
+    """
 
     config: GPTConfig
 
@@ -238,10 +245,12 @@ class TransformerBlock(nn.Module):
         positions: jax.Array,
         kv: dict[str, jax.Array] | None,
         deterministic: bool,
+        key: jax.Array | None = None,  # this layer's dropout key; None when deterministic
     ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
-        a, kv = self.att(self.norm1(x), positions, kv, deterministic)
-        x = x + self.drop_resid(a, deterministic=deterministic)
-        x = x + self.drop_resid(self.ff(self.norm2(x)), deterministic=deterministic)
+        k_att, k_res1, k_res2 = (None,) * 3 if key is None else jax.random.split(key, 3)
+        a, kv = self.att(self.norm1(x), positions, kv, deterministic, k_att)
+        x = x + self.drop_resid(a, deterministic=deterministic, rng=k_res1)
+        x = x + self.drop_resid(self.ff(self.norm2(x)), deterministic=deterministic, rng=k_res2)
         return x, kv
 
 
@@ -278,13 +287,13 @@ class GPT(nn.Module):
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         block = _block_class(cfg)
         if cfg.scan_layers:
-            # One block body scanned over a leading layer axis of every block param; each
-            # layer draws its own dropout masks. Broadcast: positions, kv (None), deterministic.
+            # One block body scanned over a leading layer axis of every block param.
+            # Broadcast: positions, kv (None), deterministic; scanned: the layers' dropout keys.
             self.trf_blocks = nn.scan(
                 block,
                 variable_axes={"params": 0},
-                split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
                 length=cfg.n_layers,
             )(cfg)
         else:
@@ -347,11 +356,15 @@ class GPT(nn.Module):
     ) -> tuple[jax.Array, Cache | None]:
         x = self.tok_emb(ids) + self.pos_emb(positions)  # (batch, seq, emb)
         x = self.drop_emb(x, deterministic=deterministic)
+        n = self.config.n_layers
+        # One dropout key per layer, the same in both layouts: (layers,) typed keys.
+        keys = None if deterministic else jax.random.split(self.make_rng("dropout"), n)
         new_cache = []
         if self.config.scan_layers:  # full sequence only (decode refuses scanned layers)
-            x, _ = self.trf_blocks(x, positions, None, deterministic)
+            x, _ = self.trf_blocks(x, positions, None, deterministic, keys)
         for i, block in enumerate([] if self.config.scan_layers else self.trf_blocks):
-            x, kv = block(x, positions, None if cache is None else cache[i], deterministic)
+            kv = None if cache is None else cache[i]
+            x, kv = block(x, positions, kv, deterministic, None if keys is None else keys[i])
             new_cache.append(kv)
         return self.final_norm(x), (None if cache is None else new_cache)
 
@@ -478,8 +491,9 @@ def stack_blocks(tree: Any) -> Any:
     return jax.tree.map(stack, tree, is_leaf=_has_unrolled)
 
 
-def unstack_blocks(tree: Any) -> Any:
-    """Scanned -> unrolled layout, the inverse of `stack_blocks`."""
+def unstack_blocks(tree: Any, take: Callable[[Any, int], Any] = lambda a, i: a[i]) -> Any:
+    """Scanned -> unrolled layout, the inverse of `stack_blocks`. `take(leaf, i)` cuts layer
+    i from a stacked leaf (default: indexing; a tree of ShapeDtypeStructs passes its own)."""
 
     def unstack(node: Any) -> Any:
         if not _has_stacked(node):
@@ -487,7 +501,9 @@ def unstack_blocks(tree: Any) -> Any:
         stacked = node["trf_blocks"]
         n = jax.tree.leaves(stacked)[0].shape[0]  # leading layer axis
         rest = {k: v for k, v in node.items() if k != "trf_blocks"}
-        layers = {f"trf_blocks_{i}": jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)}
+        layers = {
+            f"trf_blocks_{i}": jax.tree.map(lambda a, i=i: take(a, i), stacked) for i in range(n)
+        }
         return {**rest, **layers}
 
     return jax.tree.map(unstack, tree, is_leaf=_has_stacked)
