@@ -203,6 +203,9 @@ class TrainConfig(_DictMixin):
     # Non-finite loss/gradients: skip up to this many bad steps in a row, then stop (0: stop
     # at the first). A skipped step leaves params and optimizer state unchanged.
     skip_nonfinite: int = 0
+    # Several processes: seconds without a heartbeat before JAX's coordination service takes
+    # a process for dead (JAX's default, 100); the others then stop cleanly after a quarter of it.
+    heartbeat_timeout: int = 100
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "epochs", "eval_freq", "eval_iter", "checkpoint_every", "keep")
@@ -217,6 +220,10 @@ class TrainConfig(_DictMixin):
             raise ValueError(f"sample_tokens={self.sample_tokens!r} must be an integer >= 0")
         if not isinstance(self.skip_nonfinite, int) or self.skip_nonfinite < 0:
             raise ValueError(f"skip_nonfinite={self.skip_nonfinite!r} must be an integer >= 0")
+        if not isinstance(self.heartbeat_timeout, int) or self.heartbeat_timeout < 2:
+            raise ValueError(
+                f"heartbeat_timeout={self.heartbeat_timeout!r} must be an integer >= 2 (seconds)"
+            )
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps={self.warmup_steps!r} must be an integer >= 0")
         if not self.lr > 0:

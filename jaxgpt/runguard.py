@@ -10,11 +10,16 @@ import os
 import shutil
 import signal
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 LOCK_FILE = ".lock"
+# Exit status of a process whose run lost another process (EX_TEMPFAIL in sysexits.h: the
+# run can go on once every process is restarted with --resume).
+PEER_LOST_EXIT = 75
 # Exit statuses the shells use for "killed by signal N": 128 + N.
 SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
 
@@ -63,10 +68,17 @@ class CheckpointWriteError(RuntimeError):
 
 class StopSignals:
     """Turn SIGTERM/SIGINT into a flag the fit loop checks between steps; a second signal
-    raises `SaveAborted` at once. Installed only in the main thread (Python's rule)."""
+    raises `SaveAborted` at once. Installed only in the main thread (Python's rule).
 
-    def __init__(self) -> None:
+    `agreed`: the processes of a multi-process run must stop after the same step, so SIGTERM
+    is left to JAX's preemption notifier, which agrees on the step across processes
+    (`multihost_utils.reached_preemption_sync_point`), and SIGINT is passed on to it as
+    SIGTERM.
+    """
+
+    def __init__(self, agreed: bool = False) -> None:
         self.signum: int | None = None
+        self.agreed = agreed
         self._old: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -74,8 +86,25 @@ class StopSignals:
             raise SaveAborted(signum)
         self.signum = signum
 
+    def _forward(self, signum: int, frame: FrameType | None) -> None:
+        self.signum = self.signum or signum
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def requested(self, step: int) -> int | None:
+        """The signal to stop for after `step` (call it after every step), or None."""
+        if not self.agreed:
+            return self.signum
+        from jax.experimental import multihost_utils
+
+        if not multihost_utils.reached_preemption_sync_point(step):
+            return None
+        return self.signum or signal.SIGTERM  # SIGTERM: the notice came from another process
+
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
+            if self.agreed:
+                self._old[signal.SIGINT] = signal.signal(signal.SIGINT, self._forward)
+                return self
             for sig in SIGNAL_NAMES:
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
@@ -152,3 +181,92 @@ def check_free_space(run_dir: str | os.PathLike, checkpoint_bytes: int, keep: in
             f"only {free / 2**20:.0f} MiB free under {str(run_dir)!r} but one checkpoint "
             f"needs ~{need / 2**20:.0f} MiB ({keep} are kept); free space or choose another --out"
         )
+
+
+class PeerWatch:
+    """Notice that another process of a multi-process run is gone, within `timeout` seconds.
+
+    Each process bumps its own counter in JAX's coordination key-value store (hosted by
+    process 0) every `interval` seconds. A peer whose counter stands still for `timeout`
+    seconds, or a store that does not answer for that long (process 0 is gone), is lost:
+    `on_lost(what, why)` is called once, from the watch's own thread. It must end the
+    process: the main thread may be blocked in a collective that can never finish.
+    The I/O and the verdict live in two threads, so a store call that hangs (a frozen
+    process 0) still ends in a verdict. A block that fails with one of `waits_on` (the
+    errors a collective raises when its peer vanishes) waits for the verdict on leaving.
+    """
+
+    PREFIX = "jaxgpt/alive/"
+
+    def __init__(
+        self,
+        client: Any,
+        process_id: int,
+        num_processes: int,
+        timeout: float,
+        on_lost: Callable[[str, str], None],
+        interval: float = 1.0,
+        waits_on: tuple[type[BaseException], ...] = (),
+    ) -> None:
+        self._client, self._id, self.timeout = client, process_id, timeout
+        self._on_lost, self._interval, self._waits_on = on_lost, interval, waits_on
+        now = time.monotonic()
+        self._seen = {p: (None, now) for p in range(num_processes) if p != process_id}
+        self._answered = now  # the last time the store answered
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._verdict = threading.Event()
+
+    def __enter__(self) -> PeerWatch:
+        for target in (self._beat, self._judge):
+            threading.Thread(target=target, daemon=True, name=f"PeerWatch{target.__name__}").start()
+        return self
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> None:
+        if isinstance(exc, self._waits_on):
+            self.wait(self.timeout + 3 * self._interval)  # on a verdict, on_lost ends us
+        self._stop.set()
+
+    def wait(self, seconds: float) -> bool:
+        """Wait up to `seconds` for a verdict; True when a process was found lost (and
+        `on_lost` has returned)."""
+        return self._verdict.wait(seconds)
+
+    def _beat(self) -> None:
+        count = 0
+        while not self._stop.is_set():
+            count += 1
+            try:
+                self._client.key_value_set(f"{self.PREFIX}{self._id}", str(count), True)
+                values = dict(self._client.key_value_dir_get(self.PREFIX))
+            except Exception:  # the store does not answer: judged by its silence
+                values = None
+            now = time.monotonic()
+            with self._lock:
+                if values is not None:
+                    self._answered = now
+                    for p, (old, _) in self._seen.items():
+                        new = values.get(f"{self.PREFIX}{p}")
+                        if new != old:
+                            self._seen[p] = (new, now)
+            self._stop.wait(self._interval)
+
+    def _judge(self) -> None:
+        while not self._stop.wait(self._interval):
+            now = time.monotonic()
+            with self._lock:
+                silent = now - self._answered
+                stale = sorted(p for p, (_, t) in self._seen.items() if now - t > self.timeout)
+            if silent > self.timeout:
+                what = "process 0 (the coordinator)"
+                why = f"its key-value store has not answered for {silent:.0f} s"
+            elif stale:
+                what = "process " + ", ".join(map(str, stale))
+                why = f"no sign of life for over {self.timeout:g} s"
+            else:
+                continue
+            if self._stop.is_set():  # the run ended meanwhile
+                return
+            self._on_lost(what, why)  # usually ends the process
+            self._verdict.set()
+            return

@@ -91,6 +91,8 @@ TRAIN_HELP = {
     "optimizer state); default: every device on data; a resumed run may change it",
     "sampling": 'training windows: "sequential" (the book\'s, shuffled each epoch) or '
     '"random" offsets (for corpora too large for epochs)',
+    "heartbeat_timeout": "several processes: seconds without a heartbeat before JAX takes a "
+    "process for dead; the others stop with exit status 75 after a quarter of it",
     "skip_nonfinite": "skip up to N steps in a row whose loss or gradients are nan/inf "
     "(params stay unchanged), then stop; 0 stops at the first",
 }
@@ -211,14 +213,14 @@ def _signame(signum: int) -> str:
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _init_distributed(args)  # before anything touches a device
     saved = None
     if args.resume and (Path(args.out) / CONFIG_FILE).is_file():
         # The run's own settings become the defaults; explicit flags still win.
         saved = load_run_config(args.out)
         parser.set_defaults(**saved[1].to_dict())
         args = parser.parse_args(argv)
-    model, train = configs(args, saved)
+    model, train = configs(args, saved)  # validated here: before any process waits for others
+    _init_distributed(args)  # before anything touches a device
     if train.reuse_host_memory:  # before the first computation starts XLA's threads
         reuse_host_memory()
     if train.compile_cache:
@@ -239,12 +241,22 @@ def _init_distributed(args: argparse.Namespace) -> None:
     env = os.environ.get("JAX_COORDINATOR_ADDRESS")
     if not (args.distributed or env or any(x is not None for x in given)):
         return
-    parallel.initialize_distributed(*given)
+    parallel.initialize_distributed(*given, heartbeat_timeout=args.heartbeat_timeout)
 
 
 def _print_event(name: str, e: dict[str, Any]) -> None:
     from tqdm.auto import tqdm
 
+    if name == "lost":  # every process says it, on stderr, just before it exits
+        last = e["checkpoint"] or "none yet (start again without --resume)"
+        tqdm.write(  # on stderr, below the progress bar
+            f"train.py: error: process {e['process']} lost {e['what']} of {e['processes']} "
+            f"({e['why']}); last committed checkpoint: {last}; resume with all "
+            f"{e['processes']} processes: python scripts/train.py --resume --out "
+            f"{e['run_dir']} (each with its process flags)",
+            file=sys.stderr,
+        )
+        return
     lines = {
         "start": lambda: [
             f"Device: {e['device']} ({e['platform']}); model parameters: {e['params']:,}"

@@ -170,6 +170,7 @@ SCALE_CASES = {
     "no_port": (["--coordinator", "localhost", *TWO], ["'localhost' is not HOST:PORT"]),
     "port_too_big": (["--coordinator", "h:99999", *TWO], ["'h:99999' is not", "1..65535"]),
     "no_host": (["--coordinator", ":1234", *TWO], ["':1234' is not HOST:PORT"]),
+    "heartbeat_too_short": (["--heartbeat-timeout", "1", *COORD, *TWO], ["heartbeat_timeout=1"]),
     # refused before the runtime starts, which would wait for the other processes
     "mesh_with_processes": (["--mesh", "data=0", *COORD, *TWO], ["'data=0' is not AXIS=SIZE"]),
 }

@@ -518,3 +518,60 @@ def test_resume_of_another_state_layout_is_refused_untouched(tmp_path: Path, tin
     assert "holds a train state of another layout" in str(info.value)
     assert "\n" not in str(info.value)
     assert sorted((str(p), p.stat().st_size) for p in tmp_path.rglob("*")) == before
+
+
+# ----------------------------------------------------------------------------- lost processes
+
+
+class _Store:
+    """A stand-in for JAX's coordination key-value store: a dict; `down` makes it fail."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, str] = {}
+        self.down = False
+
+    def key_value_set(self, key: str, value: str, allow_overwrite: bool = False) -> None:
+        if self.down:
+            raise RuntimeError("UNAVAILABLE")
+        self.values[key] = value
+
+    def key_value_dir_get(self, prefix: str) -> list[tuple[str, str]]:
+        if self.down:
+            raise RuntimeError("UNAVAILABLE")
+        return [(k, v) for k, v in self.values.items() if k.startswith(prefix)]
+
+
+def _watch(store: _Store, pid: int, lost: list) -> runguard.PeerWatch:
+    return runguard.PeerWatch(
+        store, pid, 3, timeout=0.5, on_lost=lambda *a: lost.append(a), interval=0.05
+    )
+
+
+def test_peer_watch_names_the_silent_process_and_spares_live_ones() -> None:
+    store, lost = _Store(), []
+    with _watch(store, 1, []), _watch(store, 2, []) as two, _watch(store, 0, lost) as zero:
+        assert not zero.wait(1.0) and not lost  # all three beat: no verdict in 2 timeouts
+        two.__exit__(None, None, None)  # process 2 stops beating (its watch ends)
+        assert zero.wait(3.0)
+    assert lost == [("process 2", "no sign of life for over 0.5 s")]
+
+
+def test_peer_watch_takes_a_silent_store_for_a_lost_coordinator() -> None:
+    store, lost = _Store(), []
+    with _watch(store, 0, []), _watch(store, 2, []), _watch(store, 1, lost) as one:
+        assert not one.wait(1.0)
+        store.down = True
+        assert one.wait(3.0)
+    assert lost[0][0] == "process 0 (the coordinator)" and "has not answered" in lost[0][1]
+
+
+def test_peer_watch_waits_for_its_verdict_on_a_collective_error() -> None:
+    store, lost = _Store(), []
+    with _watch(store, 1, []) as one, _watch(store, 2, []):
+        watch = runguard.PeerWatch(
+            store, 0, 3, 0.5, lambda *a: lost.append(a), 0.05, waits_on=(OSError,)
+        )
+        with pytest.raises(OSError), watch:
+            one.__exit__(None, None, None)
+            raise OSError("the peer hung up")  # leaving the block waits for the verdict
+        assert lost and lost[0][0] == "process 1"

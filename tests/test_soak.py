@@ -198,3 +198,67 @@ def test_soak_kills_and_damage_end_bit_identical(tmp_path: Path, verdict_text: s
     (tmp_path / "soak.json").write_text(json.dumps({"summary": summary, "log": log}, indent=1))
     assert len(kills) >= KILLS - 1  # each round interrupted the run (the last may finish it)
     assert max(max(e["steps"], default=0) for e in kills) >= 40  # kills spread over the run
+
+
+def _spawn_pair(args: list[str], port: int) -> list[subprocess.Popen]:
+    flags = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    return [_spawn([*args, *flags, "--process-id", str(i)]) for i in range(2)]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+PAIR = ["--mesh", "fsdp=2", "--heartbeat-timeout", "20"]
+# Exit statuses a round may end with: done, SIGKILLed, the survivor of a lost process (its own
+# clean stop, or JAX's abort when the lost one was process 0, the coordination service's
+# host), stopped by the agreed SIGTERM.
+PAIR_EXITS = {0, -9, 75, -6, 134, 143}
+
+
+@pytest.mark.slow
+def test_soak_two_processes_end_as_the_unbroken_pair(tmp_path: Path, verdict_text: str) -> None:
+    """Two processes (fsdp=2): kill one (SIGKILL), both, or send one a SIGTERM (an agreed stop),
+    at random moments, 8 times; resume both each time; the finish equals the unbroken pair."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(verdict_text[:3000], encoding="utf-8")
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    for p in _spawn_pair(_args(corpus, ref) + PAIR, _free_port()):
+        _, err = p.communicate(timeout=1800)
+        assert p.returncode == 0, err[-3000:]
+    rng = random.Random(int(os.environ.get("SOAK_SEED", "8")))
+    log, started = [], time.time()
+    for _ in range(8):
+        resume = ["--resume"] if checkpoint.list_steps(run) else []
+        if not resume and run.exists():
+            shutil.rmtree(run)
+        procs = _spawn_pair(_args(corpus, run) + PAIR + resume, _free_port())
+        kind = rng.choice(["kill_0", "kill_1", "kill_both", "term_0", "term_1"])
+        if _wait_line(procs[0], "(Step "):
+            time.sleep(rng.uniform(0.0, 1.5))
+            victims = [0, 1] if kind == "kill_both" else [int(kind[-1])]
+            for v in victims:
+                if procs[v].poll() is None:
+                    procs[v].send_signal(signal.SIGTERM if kind.startswith("term") else 9)
+        rcs = []
+        for p in procs:
+            _, err = p.communicate(timeout=300)
+            rcs.append(p.returncode)
+            assert p.returncode in PAIR_EXITS, err[-3000:]
+        log.append({"kind": kind, "rcs": rcs, "steps": checkpoint.list_steps(run)})
+        if rcs == [0, 0]:
+            break
+    if not log or log[-1]["rcs"] != [0, 0]:
+        for p in _spawn_pair(_args(corpus, run) + PAIR + ["--resume"], _free_port()):
+            _, err = p.communicate(timeout=1800)
+            assert p.returncode == 0, err[-3000:]
+    got, want = _rows(run), _rows(ref)
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for g, w in zip(got, want, strict=True):
+        for k in ("train_loss", "val_loss", "grad_norm"):
+            assert g[k] == pytest.approx(w[k], rel=1e-5), (g["step"], k)
+    print(json.dumps({"pair_rounds": log, "minutes": round((time.time() - started) / 60, 1)}))
