@@ -21,7 +21,7 @@ from machine import machine  # benchmarks/machine.py (run as a script: its folde
 
 from jaxgpt.config import GPTConfig, TrainConfig, get_preset
 from jaxgpt.optim import make_optimizer
-from jaxgpt.train import init_train_state, make_train_step
+from jaxgpt.step import init_train_state, make_train_step
 
 RESULTS = Path(__file__).resolve().parent / "results" / "accel_cpu.json"
 

@@ -31,7 +31,7 @@ def _variants(model: str, batch: int, meshes: list[str | None]) -> dict[str, Any
 
     from jaxgpt.config import TrainConfig, get_preset
     from jaxgpt.optim import make_optimizer
-    from jaxgpt.train import mesh_train_step
+    from jaxgpt.step import mesh_train_step
 
     cfg = get_preset(model)
     tx = make_optimizer(TrainConfig(lr=4e-4), 1000)

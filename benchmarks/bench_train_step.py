@@ -34,8 +34,9 @@ from gpu_step import flops_per_token, matmul_params, peak_flops  # one FLOP coun
 from machine import machine  # benchmarks/machine.py (run as a script: its folder is on sys.path)
 
 from jaxgpt.config import GPTConfig, TrainConfig, get_preset
+from jaxgpt.host import reuse_host_memory
 from jaxgpt.optim import make_optimizer
-from jaxgpt.train import init_train_state, make_train_step, reuse_host_memory
+from jaxgpt.step import init_train_state, make_train_step
 
 DEFAULT_CONFIGS = ("small:8", "book-124m:2")
 
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         "--system-malloc",
         action="store_true",
         help="leave glibc's malloc as it is; by default it is tuned as "
-        "scripts/train.py tunes it (train.reuse_host_memory), process-wide, so every "
+        "scripts/train.py tunes it (host.reuse_host_memory), process-wide, so every "
         "side shares it",
     )
     ap.add_argument("--out", default="benchmarks/results/train_step.json")

@@ -12,7 +12,7 @@ _EXPORTS = {
     "PRESETS": "jaxgpt.config",
     "GPTConfig": "jaxgpt.config",
     "TrainConfig": "jaxgpt.config",
-    "TrainState": "jaxgpt.train",
+    "TrainState": "jaxgpt.step",
     "count_params": "jaxgpt.model",
     "export_book": "jaxgpt.interop",
     "export_hf": "jaxgpt.interop",
@@ -21,10 +21,10 @@ _EXPORTS = {
     "get_preset": "jaxgpt.config",
     "init_cache": "jaxgpt.model",
     "init_params": "jaxgpt.model",
-    "init_train_state": "jaxgpt.train",
+    "init_train_state": "jaxgpt.step",
     "load": "jaxgpt.interop",
-    "make_eval_step": "jaxgpt.train",
-    "make_train_step": "jaxgpt.train",
+    "make_eval_step": "jaxgpt.step",
+    "make_train_step": "jaxgpt.step",
 }
 __all__ = sorted(_EXPORTS)
 

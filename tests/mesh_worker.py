@@ -33,7 +33,7 @@ def _steps(args: dict[str, Any]) -> dict[str, Any]:
     from jaxgpt import data, tokenizer
     from jaxgpt.config import TrainConfig, get_preset
     from jaxgpt.optim import make_optimizer
-    from jaxgpt.train import mesh_train_step
+    from jaxgpt.step import mesh_train_step
 
     config = get_preset("tiny").replace(drop_rate=0.1)  # dropout: the PRNG stream matters
     tc = TrainConfig(batch_size=8, lr=2e-3)

@@ -20,7 +20,7 @@ from jaxgpt import checkpoint, generate
 from jaxgpt.config import TrainConfig, get_preset
 from jaxgpt.model import GPT, fit_vocab, init_params, stack_blocks, unstack_blocks
 from jaxgpt.optim import adam_state, make_optimizer
-from jaxgpt.train import init_train_state, loss_and_grads, make_train_step
+from jaxgpt.step import init_train_state, loss_and_grads, make_train_step
 
 
 def _batches(config, n, batch=8, seq=16, seed=1):

@@ -12,7 +12,7 @@ import pytest
 from jaxgpt import checkpoint
 from jaxgpt.config import TrainConfig
 from jaxgpt.optim import make_optimizer
-from jaxgpt.train import init_train_state, make_train_step
+from jaxgpt.step import init_train_state, make_train_step
 
 
 def _equal(a, b) -> None:

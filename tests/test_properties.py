@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from jaxgpt import checkpoint, data, tokenizer
 from jaxgpt.config import GPTConfig
 from jaxgpt.sampling import check_generate_args
-from jaxgpt.train import TrainState
+from jaxgpt.step import TrainState
 
 FAST = settings(max_examples=60, deadline=None)
 

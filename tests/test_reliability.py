@@ -23,7 +23,8 @@ import pytest
 from jaxgpt import checkpoint, metrics, runguard
 from jaxgpt.config import TrainConfig
 from jaxgpt.optim import apply_gradients, make_optimizer, skip_nonfinite
-from jaxgpt.train import fit, init_train_state
+from jaxgpt.step import init_train_state
+from jaxgpt.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "scripts" / "train.py"

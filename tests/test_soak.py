@@ -25,16 +25,16 @@ import pytest
 
 from jaxgpt import checkpoint, metrics
 from jaxgpt.optim import make_optimizer
-from jaxgpt.train import init_train_state
+from jaxgpt.step import init_train_state
 
 ROOT = Path(__file__).resolve().parents[1]
 KILLS = 20
 # The child runs scripts/train.py; for the "in evaluation" moments it first wraps
-# jaxgpt.train.evaluate so that the chosen call sends the signal from a timer thread a few
+# jaxgpt.run.evaluate so that the chosen call sends the signal from a timer thread a few
 # milliseconds into the evaluation (the kill itself is a real signal).
 CHILD = """
 import os, runpy, signal, sys, threading
-import jaxgpt.train as t
+import jaxgpt.run as t
 sig, nth, delay = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 if nth:
     orig, calls = t.evaluate, [0]

@@ -14,7 +14,8 @@ from jaxgpt import checkpoint
 from jaxgpt.config import TrainConfig
 from jaxgpt.model import GPT, init_params
 from jaxgpt.optim import make_optimizer
-from jaxgpt.train import evaluate, fit, init_train_state, make_eval_step, make_train_step
+from jaxgpt.step import evaluate, init_train_state, make_eval_step, make_train_step
+from jaxgpt.train import fit
 
 
 def _batch(config, key, batch=2, seq=8):
@@ -164,7 +165,7 @@ def test_fit_refuses_to_mix_runs(tmp_path: Path, corpus: str, tiny_config) -> No
 _FAULTS_SCRIPT = """
 import resource, sys
 import numpy as np
-from jaxgpt.train import reuse_host_memory
+from jaxgpt.host import reuse_host_memory
 tuned = sys.argv[1] == "reuse" and reuse_host_memory()
 def faults_of_one_buffer() -> int:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

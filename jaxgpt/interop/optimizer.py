@@ -125,7 +125,7 @@ def book_train_state(
     *,
     key: jax.Array,
 ) -> tuple[GPTConfig, Any]:
-    """Continue a PyTorch run of the book in jaxgpt: a `jaxgpt.train.TrainState` from the
+    """Continue a PyTorch run of the book in jaxgpt: a `jaxgpt.step.TrainState` from the
     book's {"model_state_dict", "optimizer_state_dict"} checkpoint.
 
     Args:
@@ -140,7 +140,7 @@ def book_train_state(
       (config, TrainState) with `step` = torch's step count and the AdamW moments in place.
     """
     from jaxgpt.optim import make_optimizer, with_adam_state
-    from jaxgpt.train import TrainState
+    from jaxgpt.step import TrainState
 
     cfg, params, m = _read(path, config)
     tc = train_config

@@ -15,7 +15,7 @@ import jaxgpt.interop as interop
 from jaxgpt.config import GPTConfig, TrainConfig
 from jaxgpt.interop.common import flatten
 from jaxgpt.optim import adam_state, make_optimizer
-from jaxgpt.train import TrainState, make_train_step
+from jaxgpt.step import TrainState, make_train_step
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch

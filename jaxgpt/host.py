@@ -1,0 +1,45 @@
+"""Process-wide settings a command line makes before its first JAX computation: the
+persistent compilation cache and how glibc's malloc keeps freed host memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+
+
+def enable_compile_cache(cache_dir: str | Path) -> Path:
+    """Keep compiled XLA programs in `cache_dir`/xla across processes (JAX's persistent cache).
+
+    Call it before the first compilation of the process: JAX decides once whether to use
+    the cache. Every program is cached, however quick its compile.
+    """
+    path = Path(cache_dir).expanduser() / "xla"
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
+def reuse_host_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse: one arena, no mmap, no trimming.
+
+    XLA:CPU allocates each step's buffers afresh (the `small` step's logits alone are
+    206 MB); glibc serves blocks over 32 MB with mmap and unmaps them on free, so every step
+    page-faulted ~0.9 GB in again (measured: 232k faults and 0.37 s of system time per
+    `small` step, 870 -> 630 ms wall). Process-wide and permanent (the heap stays at its peak);
+    call it before the first JAX computation, whose worker threads pick their arena then.
+    Returns False (and changes nothing) where the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    # mallopt parameters from glibc's malloc.h; mallopt returns 1 on success.
+    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
+    settings = ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1))
+    return all(libc.mallopt(param, value) == 1 for param, value in settings)
