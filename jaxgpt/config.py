@@ -186,6 +186,10 @@ class TrainConfig(_DictMixin):
     # Persistent XLA compilation cache in `cache_dir`/xla (scripts/train.py turns it on before
     # the first compile), so a second run with the same shapes does not compile again.
     compile_cache: bool = True
+    # Compile the run's programs (train and eval steps, the sampler, checkpoint fingerprints)
+    # in worker threads while the model initialises and the first evaluation runs
+    # (`jaxgpt.ahead`); off: each compiles on first use. Either way the same programs run.
+    compile_ahead: bool = True
     # Have glibc's malloc keep freed memory for the next step (`train.reuse_host_memory`):
     # XLA:CPU allocates each step's buffers afresh and glibc would page-fault them in again.
     reuse_host_memory: bool = True

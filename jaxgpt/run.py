@@ -30,7 +30,7 @@ EventFn = Callable[[str, dict[str, Any]], None]
 RESUMABLE_CHANGES = frozenset(
     {"epochs", "max_steps", "eval_freq", "eval_iter", "checkpoint_every", "keep",
      "start_context", "sample_tokens", "out", "cache_dir", "data_url", "compile_cache",
-     "grad_accum", "mesh", "skip_nonfinite", "heartbeat_timeout"}
+     "compile_ahead", "grad_accum", "mesh", "skip_nonfinite", "heartbeat_timeout"}
 )  # fmt: skip
 # Model settings a resumed run may change: how the same model is computed, not what it is.
 MODEL_RESUMABLE_CHANGES = ("attention", "scan_layers", "remat")
@@ -58,6 +58,18 @@ class Run:
     main: bool = True  # process 0: the one that prints and writes metrics and plots
     report: EventFn = field(default=None)  # type: ignore[assignment]  # every process's errors
     watch: runguard.PeerWatch | None = None  # several processes: notices a lost one
+    ahead: Any = None  # a jaxgpt.ahead.Ahead compiling the run's programs in worker threads
+
+    def sample_prompt(self) -> str:
+        """The start context of the epochs' samples (the corpus's own when not given)."""
+        prompt = self.tc.start_context
+        return data.default_prompt(self.tc.data) if prompt is None else prompt
+
+    def ready(self, program: str) -> None:
+        """Wait until `program` ("train", "eval", "sample", "fingerprint"), if it is being
+        compiled ahead, is compiled."""
+        if self.ahead is not None:
+            self.ahead.wait(program)
 
     def put(self, batch: Batch, rows_only: bool = False) -> Batch:
         """A host batch (whole, or with `rows_only` this process's rows of a training batch)
@@ -168,7 +180,9 @@ def _check_run_dir(run_dir: Path, config: GPTConfig, tc: TrainConfig, resume: bo
 def start_state(run: Run, tx: optax.GradientTransformation, resume: bool) -> TrainState:
     key = jax.random.key(run.tc.seed, impl=run.tc.prng_impl)
     if run.mesh is None:
-        state = init_train_state(run.config, tx, key)
+        init = lambda: init_train_state(run.config, tx, key)  # noqa: E731
+        # A resumed run needs only the state's structure: no initialisation to compile or run.
+        state = jax.eval_shape(init) if resume else init()
         like = jax.eval_shape(lambda: state)
         # Explicit, so a checkpoint written on another mesh restores onto this one device.
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -181,6 +195,7 @@ def start_state(run: Run, tx: optax.GradientTransformation, resume: bool) -> Tra
             checkpoint.save_run_config(run.dir, run.config, run.tc)
         parallel.sync("jaxgpt: run folder set up")
         return state
+    run.ready("fingerprint")  # the restore checks the checkpoint's fingerprint
     with checkpoint.manager(run.dir, keep=run.tc.keep) as mngr:
         state, meta = checkpoint.restore(mngr, like, shardings=shardings)
     run.position = data.DataPosition.from_dict(meta["position"])
@@ -229,6 +244,7 @@ def check_finite(run: Run, state: TrainState) -> None:
 
 def save(run: Run, mngr: Any, state: TrainState) -> None:
     check_finite(run, state)  # never save a halted (diverged) run
+    run.ready("fingerprint")
     meta = {"position": run.position.to_dict(), "tokens_seen": run.tokens_seen}
     step = int(state.step)
     try:
@@ -244,9 +260,13 @@ def save(run: Run, mngr: Any, state: TrainState) -> None:
     run.on_event("checkpoint", {"step": step, "dir": str(mngr.directory)})
 
 
-def stop_if_signalled(run: Run, mngr: Any, state: TrainState) -> None:
-    """Between steps: after SIGTERM/SIGINT, save the state and raise TrainingInterrupted."""
-    step = int(state.step)
+def stop_if_signalled(run: Run, mngr: Any, state: TrainState, step: int | None = None) -> None:
+    """Between steps: after SIGTERM/SIGINT, save the state and raise TrainingInterrupted.
+
+    `step`: the state's step when the caller knows it, so a step still running is not waited
+    for (reading `state.step` would wait for it).
+    """
+    step = int(state.step) if step is None else step
     signum = None if run.stop is None else run.stop.requested(step)
     if signum is None:
         return

@@ -39,8 +39,10 @@ def init_train_state(
     """Fresh params from `key` (split into init and dropout keys) and optimizer state."""
     init_key, dropout_key = jax.random.split(key)
     params = init_params(config, init_key)
+    # One program for the optimizer's zeros, not one per leaf shape (when not traced already).
+    opt_state = tx.init(params) if isinstance(key, jax.core.Tracer) else jax.jit(tx.init)(params)
     return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), key=dropout_key
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, key=dropout_key
     )
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import jax
 
 from jaxgpt import checkpoint, data, metrics, parallel, sampling, tokenizer
+from jaxgpt.ahead import Ahead, warm_fit
 from jaxgpt.config import GPTConfig, TrainConfig
 from jaxgpt.model import Params
 from jaxgpt.optim import make_optimizer
@@ -43,9 +44,9 @@ class FitResult:
 
 
 def _sample(run: Run, params: Params, epoch: int) -> None:
-    prompt = run.tc.start_context
-    ids = tokenizer.encode(data.default_prompt(run.tc.data) if prompt is None else prompt)
+    ids = tokenizer.encode(run.sample_prompt())
     params = params if run.mesh is None else parallel.to_local(params, run.mesh)
+    run.ready("sample")
     out = sampling.generate(params, run.config, [ids], max_new_tokens=run.tc.sample_tokens)
     text = tokenizer.decode(out[0]).replace("\n", " ")  # the book's compact print
     run.on_event("sample", {"epoch": epoch + 1, "text": text})
@@ -78,6 +79,7 @@ def _eval_and_show(
 
 
 def _eval_row(run: Run, state: TrainState, m: dict, eval_step: Callable, tok_s: float) -> dict:
+    run.ready("eval")
     train_loss, val_loss = run.evaluate(state.params, eval_step)
     step = int(state.step)
     row = metrics.make_row(
@@ -129,14 +131,17 @@ def fit(
             run = prepare(config, tc, resume, on_event)
             tx = make_optimizer(tc, run.total_steps)
             hold_run_dir(held, run, tx, resume)
-            state = start_state(run, tx, resume)
             shardings = None
             if run.mesh is not None:
                 shardings = (state_shardings(run, tx), parallel.batch_sharding(run.mesh))
             train_step = make_train_step(config, tx, tc.grad_accum, shardings=shardings)
             eval_step = make_eval_step(config)
+            run.ahead = held.enter_context(Ahead(timer, enabled=tc.compile_ahead))
+            warm_fit(run.ahead, run, tx, (train_step, eval_step), resume, shardings)
+            state = start_state(run, tx, resume)
         run.on_event("start", start_info(run, state))
         if int(state.step) == 0:
+            run.ready("eval")
             with timer.phase("eval"):
                 train_loss, val_loss = run.evaluate(state.params, eval_step)
             run.on_event("untrained", {"train_loss": train_loss, "val_loss": val_loss})
@@ -177,6 +182,7 @@ def _train_loop(
                 seed=tc.seed, shuffle=True, drop_last=True, position=run.position,
                 rows=run.local_rows(), sampling=tc.sampling,
             ):  # fmt: skip
+                run.ready("train")
                 with timer.phase("train"):
                     batch = run.put(batch, rows_only=True)
                     state, m = train_step(state, batch)
@@ -196,7 +202,7 @@ def _train_loop(
                         save(run, mngr, state)
                 if step >= run.total_steps:
                     break
-                stop_if_signalled(run, mngr, state)
+                stop_if_signalled(run, mngr, state, step)
             with timer.phase("train"):
                 jax.block_until_ready(m)  # queued steps are training time, not sampling time
             with timer.phase("sample"):

@@ -83,6 +83,8 @@ TRAIN_HELP = {
     "data_url": "base URL to download the-verdict.txt from",
     "compile_cache": "keep compiled programs in CACHE_DIR/xla so the next run does not compile "
     "again",
+    "compile_ahead": "compile the run's programs in worker threads while the model initialises "
+    "and evaluates (same programs, same results; off: each compiles when first used)",
     "reuse_host_memory": "keep freed host memory for reuse (glibc malloc: one arena, no mmap, "
     "no trimming), so each step does not page-fault its buffers in again",
     "prng_impl": "JAX PRNG for init, dropout and sampling: threefry2x32, rbg or unsafe_rbg",
