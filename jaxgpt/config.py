@@ -67,8 +67,9 @@ class GPTConfig(_DictMixin):
     # Accelerator switches (issue 9); the defaults are the book's computation.
     # "book": explicit masked softmax (the reference). "xla"/"cudnn": jax.nn.dot_product_attention
     # with that implementation (no dropout on attention weights: a fused kernel cannot apply it).
-    # "auto": the book's path while attention dropout is active, else cuDNN on GPU for
-    # 16-bit inputs, else XLA. The cached-decode path always uses the book's attention.
+    # "auto": the book's path while attention dropout is active, else cuDNN in programs lowered
+    # for CUDA where its rules hold (model.attention_impl), else XLA. The cached-decode path
+    # always uses the book's attention.
     attention: str = "book"
     # The blocks as one nn.scan over stacked params `trf_blocks/...` (leading layer axis), so
     # compile time does not grow with depth. On disk params are always unrolled (trf_blocks_N).

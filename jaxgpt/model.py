@@ -143,9 +143,9 @@ class MultiHeadAttention(nn.Module):
         if kv is not None:
             ctx, kv = _cached_attention(q, k, v, positions, kv, prec)  # (batch, seq, heads, d)
             return self.out_proj(ctx.reshape(b, s, h * d)), kv
-        impl = _attention_impl(cfg, deterministic)
-        if impl != "book":  # full causal sequence: positions are 0..s-1 in every row
-            ctx = _fused_attention(q, k, v, impl)  # (batch, seq, heads, head_dim)
+        if attention_impl(cfg, deterministic, "cpu") != "book":  # not "book" on any platform
+            # Full causal sequence: positions are 0..s-1 in every row.
+            ctx = _fused_attention(q, k, v, cfg)  # (batch, seq, heads, head_dim)
             return self.out_proj(ctx.reshape(b, s, h * d)), None
         keys, values, key_pos = k, v, positions  # (batch, seq, heads, head_dim), (batch, seq)
         scores = jnp.einsum("bshd,bthd->bhst", q, keys.astype(q.dtype), precision=prec)
@@ -160,24 +160,53 @@ class MultiHeadAttention(nn.Module):
         return self.out_proj(ctx.reshape(b, s, h * d)), kv  # (batch, seq, emb)
 
 
-def _attention_impl(cfg: GPTConfig, deterministic: bool) -> str:
-    """The attention implementation of the full-sequence path: "book", "xla" or "cudnn"."""
+def attention_impl(cfg: GPTConfig, deterministic: bool, platform: str) -> str:
+    """The attention `cfg.attention` runs on `platform` ("cpu", "cuda", "rocm", "tpu"): "book",
+    "xla" or "cudnn". "auto": the book's while dropout acts on the attention weights (a fused
+    kernel cannot drop them), cuDNN flash attention on CUDA where its rules hold (16-bit inputs;
+    head_dim at most 128 and a multiple of 8: the bound before Hopper), else XLA's."""
     if cfg.attention != "auto":
         return cfg.attention
     if not deterministic and cfg.drop_rate > 0:
-        return "book"  # dropout on attention weights needs the weights: no fused kernel
+        return "book"
     head_ok = cfg.head_dim <= 128 and cfg.head_dim % 8 == 0
-    if jax.default_backend() == "gpu" and cfg.dtype != "float32" and head_ok:
-        return "cudnn"  # cuDNN flash attention: 16-bit inputs, head_dim <= 128, multiple of 8
+    if platform == "cuda" and cfg.dtype in ("bfloat16", "float16") and head_ok:
+        return "cudnn"
     return "xla"
 
 
-def _fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str) -> jax.Array:
-    """Causal softmax(q k^T / sqrt(head_dim)) v via jax.nn.dot_product_attention.
+def _fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: GPTConfig) -> jax.Array:
+    """Causal softmax(q k^T / sqrt(head_dim)) v via jax.nn.dot_product_attention, with the
+    implementation `attention_impl` picks for the platform the program is lowered for: under
+    "auto" the choice is `lax.platform_dependent`, made when lowering for each platform (a GPU,
+    an export target), not by the host that traces.
 
     q, k, v: (batch, seq, heads, head_dim), one dtype; softmax runs in float32 inside.
     """
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+
+    def attend(impl: str) -> Callable[..., jax.Array]:
+        return lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation=impl
+        )
+
+    if cfg.attention != "auto":
+        return attend(cfg.attention)(q, k, v)
+    on_cuda = attention_impl(cfg, True, "cuda")  # deterministic: the caller took "book"
+    if on_cuda == "xla" or not _cudnn_traceable():  # a host without CUDA: XLA's everywhere
+        return attend("xla")(q, k, v)
+    return jax.lax.platform_dependent(q, k, v, cuda=attend(on_cuda), default=attend("xla"))
+
+
+@functools.cache
+def _cudnn_traceable() -> bool:
+    """Whether this host can trace cuDNN attention (JAX asks the CUDA plugin for cuDNN's
+    version while tracing; a CPU-only install has none)."""
+    x = jax.ShapeDtypeStruct((1, 8, 1, 8), jnp.bfloat16)
+    try:
+        jax.eval_shape(lambda q: jax.nn.dot_product_attention(q, q, q, implementation="cudnn"), x)
+    except (RuntimeError, NotImplementedError, ValueError):
+        return False
+    return True
 
 
 def _cache_write(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:

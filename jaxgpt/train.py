@@ -41,6 +41,7 @@ class FitResult:
     state: TrainState
     rows: list[dict[str, float]] = field(default_factory=list)
     times: dict[str, float] = field(default_factory=dict)  # seconds per phase, see PhaseTimer
+    compile: dict = field(default_factory=dict)  # all compilation: PhaseTimer.compile_report
 
 
 def _sample(run: Run, params: Params, epoch: int) -> None:
@@ -114,7 +115,9 @@ def fit(
     Writes `config.json`, `metrics.jsonl` (a row per evaluation), `checkpoints/` (every
     `checkpoint_every` steps, at the end, and on Ctrl-C) and `plots/`. `on_event(name,
     payload)` receives "start", "untrained", "eval", "sample", "checkpoint", "done" (with
-    "times": wall seconds per phase, compilation split out); the default logs them.
+    "times": wall seconds per phase, "compile" the compilation the run waited for, and
+    "compile": all compilation, how much of it overlapped other work, seconds per program);
+    the default logs them.
 
     A lock on the run folder refuses a second run into it. SIGTERM/SIGINT finish the
     current step, save it and raise `TrainingInterrupted` (a second signal: `SaveAborted`).
@@ -149,12 +152,10 @@ def fit(
         with timer.phase("plots"):
             plots = metrics.write_plots(run.dir) if run.main else []
         parallel.sync("jaxgpt: fit done")  # no process leaves while another might miss it
-    times = timer.summary()
-    run.on_event(
-        "done",
-        {"step": step, "run_dir": str(run.dir), "plots": [str(p) for p in plots], "times": times},
-    )
-    return FitResult(state, run.rows, times)
+    times, compiled = timer.summary(), timer.compile_report()
+    done = {"step": step, "run_dir": str(run.dir), "plots": [str(p) for p in plots]}
+    run.on_event("done", {**done, "times": times, "compile": compiled})
+    return FitResult(state, run.rows, times, compiled)
 
 
 def _train_loop(

@@ -44,7 +44,8 @@ ACCEL_FLAGS = {
         ATTENTIONS,
         "attention: book (masked softmax, the reference), xla or cudnn "
         "(jax.nn.dot_product_attention; no dropout on attention weights), auto (book while "
-        "dropout is on, else cudnn on GPU in 16-bit, else xla) (default: book)",
+        "dropout is on, else cudnn where the program is compiled for a CUDA GPU and cuDNN's "
+        "rules hold: 16-bit, head_dim <= 128 and a multiple of 8; else xla) (default: book)",
     ),
     "remat": (
         REMATS,
@@ -281,11 +282,19 @@ def _print_event(name: str, e: dict[str, Any]) -> None:
         "checkpoint": lambda: [],
         "done": lambda: [
             f"Done after {e['step']} steps; see {e['run_dir']}",
-            "Wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in e["times"].items()),
+            "Wall time: "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in e["times"].items())
+            + "; "
+            + _compiled(e["compile"]),
         ],
     }[name]()
     for line in lines:
         tqdm.write(line)
+
+
+def _compiled(c: dict[str, Any]) -> str:
+    """How much compiling there was, and how much of it the run did not wait for."""
+    return f"compilation {c['seconds']:.1f} s, {c['overlapped']:.1f} s of it overlapped other work"
 
 
 def cli(argv: list[str] | None = None) -> NoReturn:
