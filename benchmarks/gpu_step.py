@@ -46,6 +46,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "remat_block": {"remat": "block"},
     "remat_dots": {"remat": "dots"},
     "scan_remat_block": {"scan_layers": True, "remat": "block"},
+    "cudnn_scan": {"attention": "cudnn", "scan_layers": True},  # device_check's fastest guess
     "vocab_pad_off": {"vocab_pad": 1},
 }
 
