@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,7 +69,6 @@ def run_train(tree: Path, flags: list[str], cache: Path, extra: list[str]) -> di
     steps = int(re.search(r"Done after (\d+) steps", done.stdout)[1])
     res.update(wall_s=round(wall, 2), startup_s=round(wall - times["total"], 2), steps=steps)
     res["step_s"] = times.get("train", 0.0) / steps
-    res["compile_in_steps"] = times["compile"] / res["step_s"] if res["step_s"] else None
     res["losses"] = re.findall(r"Train loss ([\d.]+), Val loss ([\d.]+)", done.stdout)
     res["loadavg"] = os.getloadavg()
     return res
@@ -99,10 +99,27 @@ def _show(name: str, label: str, cache_state: str, r: dict[str, Any]) -> None:
         if comp
         else ""
     )
-    steps = f"{r['compile_in_steps']:.1f}" if r["compile_in_steps"] is not None else "-"
     print(f"{name} | {label} | {cache_state}: wall {r['wall_s']:.1f} s (start-up "
-          f"{r['startup_s']:.1f}, {phases}){overlap}; compile = {steps} steps of "
-          f"{r['step_s']:.2f} s; load {r['loadavg'][0]:.1f}", flush=True)  # fmt: skip
+          f"{r['startup_s']:.1f}, {phases}){overlap}; train {r['step_s']:.2f} s/step; "
+          f"load {r['loadavg'][0]:.1f}", flush=True)  # fmt: skip
+
+
+def summarize(results: dict[str, Any]) -> None:
+    """Compile seconds in steady steps, every variant against one step time: the median train
+    seconds per step of this tree's runs (the step program is the same in every variant; a
+    tree before the PhaseTimer fix counted part of each step outside its train phase)."""
+    for name, by_label in results.items():
+        ref = statistics.median(r["step_s"] for r in by_label["after"].values())
+        losses = {label: r["first run"]["losses"] for label, r in by_label.items()}
+        for label, runs in by_label.items():
+            for cache_state, r in runs.items():
+                r["compile_in_steps"] = r["times"]["compile"] / ref
+                print(f"{name} | {label} | {cache_state}: compile {r['times']['compile']:.1f} s "
+                      f"= {r['compile_in_steps']:.1f} steps of {ref:.2f} s; wall "
+                      f"{r['wall_s']:.1f} s")  # fmt: skip
+        same = len({json.dumps(v) for v in losses.values()}) == 1
+        by_label["same_losses"] = same
+        print(f"{name}: the same printed losses in every variant: {same}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {info['cpu']} ({', '.join(info['vector_extensions'])}), {info['cores']} cores; "
           f"load {info['loadavg_start']}")  # fmt: skip
     results = measure(args.runs.split(","), trees, args.no_ahead)
+    summarize(results)
     info["loadavg_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": info, "runs": results}, indent=1) + "\n")

@@ -31,7 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 BUDGET_S = 480  # the 8 minutes on one GPU
 # The step benchmark's variants (benchmarks/gpu_step.py VARIANTS) and batches per model.
-STEP_VARIANTS = "float32,attention_xla,cudnn_scan"  # fp32 (TF32), bf16, bf16 + cuDNN + scan
+# fp32 (TF32), bf16, bf16 + cuDNN + scan; then bf16 scanned with XLA attention, against bf16
+# unrolled: whether scanning compiles faster without slowing the step on this device.
+STEP_VARIANTS = "float32,attention_xla,cudnn_scan,xla_scan"
 STEP_MODELS = {"small": 64, "book-124m": 32, "gpt2": 16}  # rows per step at the preset's context
 PLAN_MODEL, PLAN_BATCH = "gpt2", 16  # the planner's memory against the measured, bf16 + XLA
 
@@ -155,7 +157,8 @@ def summary(name: str, row: dict[str, Any]) -> str:
             else:
                 mfu = r.get("mfu_causal")
                 cells.append(f"{r['variant']} {r['tokens_per_s']:,} tok/s"
-                             + (f" MFU {mfu:.0%}" if mfu is not None else ""))  # fmt: skip
+                             + (f" MFU {mfu:.0%}" if mfu is not None else "")
+                             + f" (compile {r['compile_s']} s)")  # fmt: skip
         return "; ".join(cells)
     if name == "sampling" and res:
         return "; ".join(

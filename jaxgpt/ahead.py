@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -37,8 +38,16 @@ class Ahead:
     """
 
     def __init__(
-        self, timer: metrics.PhaseTimer | None = None, *, enabled: bool = True, workers: int = 2
+        self,
+        timer: metrics.PhaseTimer | None = None,
+        *,
+        enabled: bool = True,
+        workers: int | None = None,
     ) -> None:
+        # Default: one worker per core beyond the main thread's, at most two. On 2 cores one
+        # worker compiles the programs in the order they are needed, so the train step does
+        # not share its core with the sampler's compile while the main thread initialises.
+        workers = workers or max(1, min(2, (os.cpu_count() or 2) - 1))
         self.enabled = enabled
         self._timer = timer
         self._futures: dict[str, list[concurrent.futures.Future]] = {}

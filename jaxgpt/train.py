@@ -142,7 +142,8 @@ def fit(
             run.ahead = held.enter_context(Ahead(timer, enabled=tc.compile_ahead))
             warm_fit(run.ahead, run, tx, (train_step, eval_step), resume, shardings)
             state = start_state(run, tx, resume)
-        run.on_event("start", start_info(run, state))
+            info = start_info(run, state)  # reads the state: waits for the initialisation
+        run.on_event("start", info)
         if int(state.step) == 0:
             run.ready("eval")
             with timer.phase("eval"):

@@ -28,7 +28,7 @@ def test_dry_run_prints_the_plan_within_eight_minutes(tmp_path: Path) -> None:
     assert "time budget" in done.stdout and done.stdout.count("$ ") == len(ORDER)
     for model in ("small", "book-124m", "gpt2"):  # the step benchmark's three variants each
         assert f"--model {model} " in done.stdout
-    assert "float32,attention_xla,cudnn_scan" in done.stdout
+    assert "float32,attention_xla,cudnn_scan,xla_scan" in done.stdout
     assert "--plan-json" in done.stdout and "-m gpu" in done.stdout
     assert not list(tmp_path.iterdir())  # a dry run writes nothing
 
