@@ -206,6 +206,12 @@ class TrainConfig(_DictMixin):
     # Several processes: seconds without a heartbeat before JAX's coordination service takes
     # a process for dead (JAX's default, 100); the others then stop cleanly after a quarter of it.
     heartbeat_timeout: int = 100
+    # Start from pretrained weights: anything `jaxgpt.load` reads (gpt2..gpt2-xl by name, an
+    # OpenAI / HF folder, .safetensors, the book's .pth, a jaxgpt run or .npz). None: random.
+    init_from: str | None = None
+    # Only the params whose "/"-joined path (layers unrolled) matches this regex whole train;
+    # the others are frozen, with no optimizer state. None: all train.
+    trainable: str | None = None
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "epochs", "eval_freq", "eval_iter", "checkpoint_every", "keep")

@@ -1,0 +1,193 @@
+"""`scripts/train.py --init-from` and `--trainable`, through the command line (its `main`, in
+process): the first evaluation is the source model's loss by transformers on the same windows,
+training lowers it, a frozen fine-tune resumes bit for bit with its frozen leaves untouched
+and optimizer state for its trainable ones only; bad input is one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from pretrained import OPENAI_DIR, openai_as_hf, token_nats
+
+import jaxgpt.interop as interop
+from jaxgpt import checkpoint, finetune, metrics, parallel, tokenizer
+from jaxgpt.commands.train import main as train_main
+from jaxgpt.model import flatten_params, init_params
+
+FROZEN_CHOICE = "(trf_blocks_1|final_norm)/.*"  # the fixture's head is tied to tok_emb
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory, verdict_text: str) -> Path:
+    path = tmp_path_factory.mktemp("data") / "verdict.txt"
+    path.write_text(verdict_text[:8000], encoding="utf-8")  # ~1.8k tokens: 12 batches of 4x32
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def _args(corpus: Path, out: Path, cache: Path, steps: int, *extra: str) -> list[str]:
+    return [
+        "--init-from", str(OPENAI_DIR), "--data", str(corpus), "--out", str(out),
+        "--batch-size", "4", "--max-steps", str(steps), "--eval-freq", "2", "--eval-iter", "2",
+        "--sample-tokens", "2", "--checkpoint-every", "3", "--lr", "3e-3",
+        "--cache-dir", str(cache), *extra,
+    ]  # fmt: skip
+
+
+def _first_eval(stdout: str) -> tuple[float, float]:
+    """The untrained evaluation the run printed (the book's two lines), full precision."""
+    train = re.search(r"^Training loss: (\S+)$", stdout, re.MULTILINE)
+    val = re.search(r"^Validation loss: (\S+)$", stdout, re.MULTILINE)
+    return float(train[1]), float(val[1])
+
+
+def _book_eval(model, ids: list[int], ctx: int, batch: int, n: int, drop_last: bool) -> float:  # noqa: ANN001
+    """The book's calc_loss_loader over GPTDatasetV1 windows (stride = ctx, no shuffle): the
+    mean of the first `n` batches' mean token losses, by a torch model."""
+    starts = list(range(0, len(ids) - ctx, ctx))
+    rows = [(ids[i : i + ctx], ids[i + 1 : i + ctx + 1]) for i in starts]
+    cut = len(rows) - len(rows) % batch if drop_last else len(rows)
+    chunks = [rows[i : i + batch] for i in range(0, cut, batch)][:n]
+    losses = [token_nats(model, *map(np.array, zip(*c, strict=True))).mean() for c in chunks]
+    return float(np.mean(losses))
+
+
+@pytest.mark.torch
+def test_init_from_openai_starts_at_the_source_loss(tmp_path: Path, corpus, cache, capsys):
+    out = tmp_path / "run"
+    assert train_main(_args(corpus, out, cache, 8)) == 0
+    stdout = capsys.readouterr().out
+    train0, val0 = _first_eval(stdout)
+    # The bar: transformers' loss of the same weights (mapped by hand from the TF arrays) on
+    # the same windows, 1e-5 relative (fp32 in another order of operations: observed ~1e-7).
+    text = corpus.read_text(encoding="utf-8")
+    cut = int(0.9 * len(text))  # the book's split by characters
+    hf = openai_as_hf()
+    want_train = _book_eval(hf, tokenizer.encode(text[:cut]), 32, 4, 2, drop_last=True)
+    want_val = _book_eval(hf, tokenizer.encode(text[cut:]), 32, 4, 2, drop_last=False)
+    assert train0 == pytest.approx(want_train, rel=1e-5)
+    assert val0 == pytest.approx(want_val, rel=1e-5)
+    rows = metrics.read_rows(out / metrics.METRICS_FILE)
+    assert rows[-1]["step"] == 8 and rows[-1]["val_loss"] < val0 - 0.01  # fine-tuning lowers it
+    saved = json.loads((out / checkpoint.CONFIG_FILE).read_text())
+    assert saved["model"]["emb_dim"] == 8 and saved["model"]["context_length"] == 32
+    fingerprint = checkpoint.fingerprint(interop.load(OPENAI_DIR)[1])
+    assert saved["init_from"] == {
+        "source": str(OPENAI_DIR.resolve()), "format": "openai", "fingerprint": fingerprint,
+    }  # fmt: skip
+    assert f"Initialised from {OPENAI_DIR.resolve()} (openai, fingerprint {fingerprint})" in stdout
+
+
+def _opt_paths(run: Path, step: int) -> list[str]:
+    """Param paths under the AdamW moment `mu` in a checkpoint, read without a target."""
+    with checkpoint.manager(run, read_only=True) as mngr:
+        raw = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    flat = jax.tree_util.tree_flatten_with_path(raw["state"]["opt_state"])[0]
+    out = []
+    for path, _ in flat:
+        keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+        if "mu" in keys:
+            out.append("/".join(keys[keys.index("mu") + 1 :]))
+    return sorted(out)
+
+
+def test_frozen_finetune_resumes_bit_for_bit(tmp_path: Path, corpus, cache, capsys):
+    frozen = ("--trainable", FROZEN_CHOICE, "--drop-rate", "0.1")
+    unbroken, broken = tmp_path / "unbroken", tmp_path / "broken"
+    assert train_main(_args(corpus, unbroken, cache, 6, *frozen)) == 0
+    start = capsys.readouterr().out
+    # 872 in the last block, 16 in the final norm; AdamW's mu and nu: 2 x 4 bytes each.
+    assert "Trainable parameters: 888 of 404,072; optimizer state 7.0 KiB (3.1 MiB saved" in start
+    assert train_main(_args(corpus, broken, cache, 3, *frozen)) == 0
+    assert train_main(["--resume", "--out", str(broken), "--max-steps", "6"]) == 0
+    assert "from step 3" in capsys.readouterr().out
+    got, want = (
+        metrics.read_rows(broken / "metrics.jsonl"),
+        metrics.read_rows(unbroken / "metrics.jsonl"),
+    )
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 3, 5, 6]
+    for g, w in zip(got, want, strict=True):
+        assert (g["train_loss"], g["val_loss"], g["grad_norm"]) == (
+            w["train_loss"], w["val_loss"], w["grad_norm"],
+        )  # fmt: skip
+    # The checkpoints hold the same params; the frozen ones are the source's, bit for bit.
+    source = flatten_params(interop.load(OPENAI_DIR)[1])
+    a, b = (flatten_params(checkpoint.load_run(r)[1]) for r in (unbroken, broken))
+    trainable = sorted(p for p in source if re.fullmatch(FROZEN_CHOICE, p))
+    assert len(trainable) == 18  # 16 in a block with QKV biases, 2 in the final norm
+    for path in source:
+        np.testing.assert_array_equal(a[path], b[path], err_msg=path)
+        moved = not np.array_equal(a[path], source[path])
+        assert moved == (path in trainable), path
+    assert _opt_paths(broken, 6) == trainable  # optimizer state for the trainable only
+    saved = json.loads((broken / checkpoint.CONFIG_FILE).read_text())
+    assert saved["train"]["trainable"] == FROZEN_CHOICE and saved["init_from"]["format"] == "openai"
+
+
+def test_place_puts_each_shard_on_its_device() -> None:
+    """On an fsdp mesh the weights go to the devices shard by shard: each device holds its
+    slice of every sharded leaf (never the whole leaf), equal to the source's."""
+    source = finetune.load_source(str(OPENAI_DIR))
+    config = finetune.model_config(source, context_length=16, scan_layers=True, vocab_pad=64)
+    mesh = parallel.make_mesh("fsdp=2")
+    like = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    shardings = parallel.tree_shardings(like, mesh)
+    params = finetune.place(source, config, shardings)
+    emb = params["tok_emb"]["embedding"]  # (50304, 8): padded to 64, split over 2 devices
+    assert emb.shape == (50304, 8) and emb.sharding == shardings["tok_emb"]["embedding"]
+    pieces = sorted(emb.addressable_shards, key=lambda s: s.index[0].start or 0)
+    assert [p.data.shape for p in pieces] == [(25152, 8), (25152, 8)]
+    whole = np.pad(source.params["tok_emb/embedding"], ((0, 47), (0, 0)))
+    np.testing.assert_array_equal(np.concatenate([np.asarray(p.data) for p in pieces]), whole)
+    stacked = np.asarray(params["trf_blocks"]["ff"]["layers_0"]["kernel"])  # (layers, 8, 32)
+    np.testing.assert_array_equal(stacked[1], source.params["trf_blocks_1/ff/layers_0/kernel"])
+    np.testing.assert_array_equal(
+        np.asarray(params["pos_emb"]["embedding"]), source.params["pos_emb/embedding"][:16]
+    )
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _listing(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    ("extra", "needles"),
+    [
+        (["--emb-dim", "16"], ["--emb-dim 16 contradicts", "(emb_dim=8)", "drop it"]),
+        (["--n-layers", "3"], ["--n-layers 3 contradicts", "(n_layers=2)"]),
+        (["--model", "gpt2"], ["--model gpt2 (context_length=1024) contradicts", "=32)"]),
+        (["--context-length", "64"], ["--context-length 64 is longer", "at most 32"]),
+        (["--trainable", "out_head"], ["--trainable 'out_head' matches no parameter path"]),
+        (["--trainable", "(open"], ["--trainable '(open' is not a regular expression"]),
+        (["--resume"], ["--init-from", "--resume", "pass only one of them"]),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path: Path, corpus, cache, capsys, extra, needles) -> None:
+    before = _listing(tmp_path)
+    assert train_main(_args(corpus, tmp_path / "run", cache, 2, *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert all(n in err for n in needles), err
+    assert _listing(tmp_path) == before  # nothing written
+
+
+def test_missing_source_is_one_line(tmp_path: Path, corpus, cache, capsys) -> None:
+    args = _args(corpus, tmp_path / "run", cache, 2)
+    args[1] = str(tmp_path / "no-such-model")
+    assert train_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--init-from" in err and "does not exist" in err, err
+    assert not (tmp_path / "run").exists()
