@@ -13,11 +13,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from pretrained import OPENAI_DIR, openai_as_hf, token_nats
+from pretrained import OPENAI_DIR, book_model, hf_model, openai_as_hf, token_nats
 
 import jaxgpt.interop as interop
 from jaxgpt import checkpoint, finetune, metrics, parallel, tokenizer
 from jaxgpt.commands.train import main as train_main
+from jaxgpt.interop.reference import reference_model
 from jaxgpt.model import flatten_params, init_params
 
 FROZEN_CHOICE = "(trf_blocks_1|final_norm)/.*"  # the fixture's head is tied to tok_emb
@@ -191,3 +192,86 @@ def test_missing_source_is_one_line(tmp_path: Path, corpus, cache, capsys) -> No
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--init-from" in err and "does not exist" in err, err
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- slow
+
+
+def _source(kind: str, tmp: Path, cache: Path, corpus: Path):  # noqa: ANN202
+    """(path, extra flags, torch reference model) of a source of `kind`, written by its own
+    library (transformers' save_pretrained, torch.save of the book's model) or by jaxgpt."""
+    import torch
+
+    if kind == "book-pth":
+        model = book_model(seed=2)
+        torch.save(model.state_dict(), tmp / "model.pth")
+        return tmp / "model.pth", ["--n-heads", "2"], model
+    model = hf_model(seed=1)
+    model.save_pretrained(tmp / "hf")
+    if kind == "hf-folder":
+        return tmp / "hf", [], model
+    if kind == "hf-safetensors":  # the bare weights file does not say n_heads
+        return tmp / "hf" / "model.safetensors", ["--n-heads", "2"], model
+    cfg, params = interop.load(tmp / "hf")
+    if kind == "jaxgpt-npz":
+        checkpoint.save_params(tmp / "params.npz", cfg, params)
+        return tmp / "params.npz", [], model
+    run = tmp / "pre"  # a jaxgpt run folder: one step from the HF weights
+    assert train_main(_args(corpus, run, cache, 1, "--init-from", str(tmp / "hf"))) == 0
+    cfg, params = checkpoint.load_run(run)
+    return run, [], reference_model("jaxgpt", run, cfg, params)
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+@pytest.mark.parametrize(
+    "kind", ["hf-folder", "hf-safetensors", "book-pth", "jaxgpt-npz", "jaxgpt-run"]
+)
+def test_init_from_each_source_kind(kind: str, tmp_path: Path, corpus, cache, capsys) -> None:
+    path, extra, model = _source(kind, tmp_path, cache, corpus)
+    capsys.readouterr()
+    out = tmp_path / "run"
+    args = _args(corpus, out, cache, 6, *extra)
+    args[1] = str(path)  # --init-from
+    assert train_main(args) == 0
+    train0, val0 = _first_eval(capsys.readouterr().out)
+    text = corpus.read_text(encoding="utf-8")
+    cut = int(0.9 * len(text))
+    want_train = _book_eval(model, tokenizer.encode(text[:cut]), 32, 4, 2, drop_last=True)
+    want_val = _book_eval(model, tokenizer.encode(text[cut:]), 32, 4, 2, drop_last=False)
+    assert train0 == pytest.approx(want_train, rel=1e-5)
+    assert val0 == pytest.approx(want_val, rel=1e-5)
+    assert metrics.read_rows(out / metrics.METRICS_FILE)[-1]["val_loss"] < val0
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_scanned_fsdp_frozen_finetune_resumes_on_another_layout(
+    tmp_path: Path, corpus, cache, capsys
+) -> None:
+    """A frozen fine-tune on an fsdp mesh with scanned layers, a padded vocabulary and a shorter
+    context starts at the source's loss and resumes unrolled on a data mesh: the same run as
+    one left unbroken (float32 in another order: rtol 1e-5)."""
+    switches = ("--trainable", FROZEN_CHOICE, "--context-length", "16", "--vocab-pad", "64")
+    first = ("--mesh", "fsdp=2", "--scan-layers", *switches)
+    unbroken, broken = tmp_path / "unbroken", tmp_path / "broken"
+    assert train_main(_args(corpus, unbroken, cache, 6, *first)) == 0
+    train0, val0 = _first_eval(capsys.readouterr().out)
+    text = corpus.read_text(encoding="utf-8")
+    hf = openai_as_hf()
+    want_val = _book_eval(hf, tokenizer.encode(text[int(0.9 * len(text)) :]), 16, 4, 2, False)
+    assert val0 == pytest.approx(want_val, rel=1e-5)
+    assert train_main(_args(corpus, broken, cache, 3, *first)) == 0
+    resume = ["--resume", "--out", str(broken), "--max-steps", "6", "--no-scan-layers"]
+    assert train_main([*resume, "--mesh", "data=2"]) == 0
+    got, want = (metrics.read_rows(r / metrics.METRICS_FILE) for r in (broken, unbroken))
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for g, w in zip(got, want, strict=True):
+        for k in ("train_loss", "val_loss", "grad_norm"):
+            assert g[k] == pytest.approx(w[k], rel=1e-5, abs=0), (g["step"], k)
+    source = flatten_params(interop.load(OPENAI_DIR)[1])
+    final = flatten_params(checkpoint.load_run(broken)[1])
+    for path in source:  # frozen: bit for bit (the position table cut to 16, the vocab padded)
+        if not re.fullmatch(FROZEN_CHOICE, path):
+            want = source[path][:16] if path == "pos_emb/embedding" else source[path]
+            np.testing.assert_array_equal(final[path][: len(want)], want, err_msg=path)
