@@ -10,7 +10,6 @@ or not, and a resumed run may switch `scan_layers` as before.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,15 +85,12 @@ def select(pattern: str | None, config: GPTConfig) -> Trainable | None:
     paths = param_paths(config)
     chosen = tuple(p for p in paths if rx.fullmatch(p))
     if not chosen:
+        last = config.n_layers - 1
+        seen = ("tok_emb/embedding", "out_head/kernel", f"trf_blocks_{last}/att/W_query/kernel")
         raise ValueError(
-            f"--trainable {pattern!r} matches no parameter path (matched whole, e.g. "
-            f"{_examples(paths)}); e.g. --trainable '(trf_blocks_{config.n_layers - 1}"
-            "|final_norm|out_head)/.*' trains the last block, the final norm and the head"
+            f"--trainable {pattern!r} matches no parameter path (the whole path must match; "
+            f"paths look like {', '.join(p for p in seen if p in paths)}); e.g. --trainable "
+            f"'(trf_blocks_{last}|final_norm|out_head)/.*' trains the last block, the final "
+            "norm and the head (docs/finetuning.md lists the paths)"
         )
     return None if len(chosen) == len(paths) else Trainable(chosen)
-
-
-def _examples(paths: Iterable[str]) -> str:
-    paths = list(paths)
-    picks = [p for p in paths if not p.startswith("trf_blocks_") or p.startswith("trf_blocks_0/")]
-    return ", ".join(picks[:3] + picks[-2:])

@@ -60,7 +60,8 @@ def test_view_and_merge_in_both_layouts(small_vocab_config, key) -> None:
         np.testing.assert_array_equal(x, want, err_msg=path)
 
 
-@pytest.mark.parametrize("scan", [False, True])
+# Unrolled: also every CLI run of tests/test_finetune.py; scanned is the harder layout.
+@pytest.mark.parametrize("scan", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_step_moves_only_the_trainable(small_vocab_config, key, scan: bool) -> None:
     config = small_vocab_config.replace(scan_layers=scan, drop_rate=0.1)
     trainable, tx, state = _states(config, BOOK_CHOICE, key)
