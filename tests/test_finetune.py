@@ -63,32 +63,6 @@ def _book_eval(model, ids: list[int], ctx: int, batch: int, n: int, drop_last: b
     return float(np.mean(losses))
 
 
-@pytest.mark.torch
-def test_init_from_openai_starts_at_the_source_loss(tmp_path: Path, corpus, cache, capsys):
-    out = tmp_path / "run"
-    assert train_main(_args(corpus, out, cache, 8)) == 0
-    stdout = capsys.readouterr().out
-    train0, val0 = _first_eval(stdout)
-    # The bar: transformers' loss of the same weights (mapped by hand from the TF arrays) on
-    # the same windows, 1e-5 relative (fp32 in another order of operations: observed ~1e-7).
-    text = corpus.read_text(encoding="utf-8")
-    cut = int(0.9 * len(text))  # the book's split by characters
-    hf = openai_as_hf()
-    want_train = _book_eval(hf, tokenizer.encode(text[:cut]), 32, 4, 2, drop_last=True)
-    want_val = _book_eval(hf, tokenizer.encode(text[cut:]), 32, 4, 2, drop_last=False)
-    assert train0 == pytest.approx(want_train, rel=1e-5)
-    assert val0 == pytest.approx(want_val, rel=1e-5)
-    rows = metrics.read_rows(out / metrics.METRICS_FILE)
-    assert rows[-1]["step"] == 8 and rows[-1]["val_loss"] < val0 - 0.01  # fine-tuning lowers it
-    saved = json.loads((out / checkpoint.CONFIG_FILE).read_text())
-    assert saved["model"]["emb_dim"] == 8 and saved["model"]["context_length"] == 32
-    fingerprint = checkpoint.fingerprint(interop.load(OPENAI_DIR)[1])
-    assert saved["init_from"] == {
-        "source": str(OPENAI_DIR.resolve()), "format": "openai", "fingerprint": fingerprint,
-    }  # fmt: skip
-    assert f"Initialised from {OPENAI_DIR.resolve()} (openai, fingerprint {fingerprint})" in stdout
-
-
 def _opt_paths(run: Path, step: int) -> list[str]:
     """Param paths under the AdamW moment `mu` in a checkpoint, read without a target."""
     with checkpoint.manager(run, read_only=True) as mngr:
@@ -102,11 +76,28 @@ def _opt_paths(run: Path, step: int) -> list[str]:
     return sorted(out)
 
 
-def test_frozen_finetune_resumes_bit_for_bit(tmp_path: Path, corpus, cache, capsys):
+@pytest.mark.torch
+def test_frozen_finetune_from_openai(tmp_path: Path, corpus, cache, capsys) -> None:
+    """--init-from an OpenAI checkpoint with --trainable: the first evaluation is the source's
+    loss, training lowers it, the frozen leaves stay the source's, only the trainable ones
+    have optimizer state, and a stopped run resumed equals the unbroken one bit for bit."""
     frozen = ("--trainable", FROZEN_CHOICE, "--drop-rate", "0.1")
     unbroken, broken = tmp_path / "unbroken", tmp_path / "broken"
     assert train_main(_args(corpus, unbroken, cache, 6, *frozen)) == 0
     start = capsys.readouterr().out
+    train0, val0 = _first_eval(start)
+    # The bar: transformers' loss of the same weights (mapped by hand from the TF arrays) on
+    # the same windows, 1e-5 relative (fp32 in another order of operations: observed ~1e-7).
+    text = corpus.read_text(encoding="utf-8")
+    cut = int(0.9 * len(text))  # the book's split by characters
+    hf = openai_as_hf()
+    want_train = _book_eval(hf, tokenizer.encode(text[:cut]), 32, 4, 2, drop_last=True)
+    want_val = _book_eval(hf, tokenizer.encode(text[cut:]), 32, 4, 2, drop_last=False)
+    assert train0 == pytest.approx(want_train, rel=1e-5)
+    assert val0 == pytest.approx(want_val, rel=1e-5)
+    assert metrics.read_rows(unbroken / metrics.METRICS_FILE)[-1]["val_loss"] < val0 - 0.01
+    fingerprint = checkpoint.fingerprint(interop.load(OPENAI_DIR)[1])
+    assert f"Initialised from {OPENAI_DIR.resolve()} (openai, fingerprint {fingerprint})" in start
     # 872 in the last block, 16 in the final norm; AdamW's mu and nu: 2 x 4 bytes each.
     assert "Trainable parameters: 888 of 404,072; optimizer state 7.0 KiB (3.1 MiB saved" in start
     assert train_main(_args(corpus, broken, cache, 3, *frozen)) == 0
@@ -131,8 +122,11 @@ def test_frozen_finetune_resumes_bit_for_bit(tmp_path: Path, corpus, cache, caps
         moved = not np.array_equal(a[path], source[path])
         assert moved == (path in trainable), path
     assert _opt_paths(broken, 6) == trainable  # optimizer state for the trainable only
-    saved = json.loads((broken / checkpoint.CONFIG_FILE).read_text())
-    assert saved["train"]["trainable"] == FROZEN_CHOICE and saved["init_from"]["format"] == "openai"
+    saved = json.loads((broken / checkpoint.CONFIG_FILE).read_text())  # rewritten by --resume
+    assert saved["train"]["trainable"] == FROZEN_CHOICE and saved["model"]["emb_dim"] == 8
+    assert saved["init_from"] == {
+        "source": str(OPENAI_DIR.resolve()), "format": "openai", "fingerprint": fingerprint,
+    }  # fmt: skip
 
 
 def test_place_puts_each_shard_on_its_device() -> None:
@@ -202,6 +196,8 @@ def _source(kind: str, tmp: Path, cache: Path, corpus: Path):  # noqa: ANN202
     library (transformers' save_pretrained, torch.save of the book's model) or by jaxgpt."""
     import torch
 
+    if kind == "openai":
+        return OPENAI_DIR, [], openai_as_hf()
     if kind == "book-pth":
         model = book_model(seed=2)
         torch.save(model.state_dict(), tmp / "model.pth")
@@ -225,7 +221,7 @@ def _source(kind: str, tmp: Path, cache: Path, corpus: Path):  # noqa: ANN202
 @pytest.mark.slow
 @pytest.mark.torch
 @pytest.mark.parametrize(
-    "kind", ["hf-folder", "hf-safetensors", "book-pth", "jaxgpt-npz", "jaxgpt-run"]
+    "kind", ["openai", "hf-folder", "hf-safetensors", "book-pth", "jaxgpt-npz", "jaxgpt-run"]
 )
 def test_init_from_each_source_kind(kind: str, tmp_path: Path, corpus, cache, capsys) -> None:
     path, extra, model = _source(kind, tmp_path, cache, corpus)
