@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import jax
@@ -81,7 +82,9 @@ def test_frozen_finetune_from_openai(tmp_path: Path, corpus, cache, capsys) -> N
     """--init-from an OpenAI checkpoint with --trainable: the first evaluation is the source's
     loss, training lowers it, the frozen leaves stay the source's, only the trainable ones
     have optimizer state, and a stopped run resumed equals the unbroken one bit for bit."""
-    frozen = ("--trainable", FROZEN_CHOICE, "--drop-rate", "0.1")
+    source_dir = (tmp_path / "gpt2-tiny").resolve()  # a copy, deleted before the resume
+    shutil.copytree(OPENAI_DIR, source_dir)
+    frozen = ("--init-from", str(source_dir), "--trainable", FROZEN_CHOICE, "--drop-rate", "0.1")
     unbroken, broken = tmp_path / "unbroken", tmp_path / "broken"
     assert train_main(_args(corpus, unbroken, cache, 6, *frozen)) == 0
     start = capsys.readouterr().out
@@ -97,10 +100,11 @@ def test_frozen_finetune_from_openai(tmp_path: Path, corpus, cache, capsys) -> N
     assert val0 == pytest.approx(want_val, rel=1e-5)
     assert metrics.read_rows(unbroken / metrics.METRICS_FILE)[-1]["val_loss"] < val0 - 0.01
     fingerprint = checkpoint.fingerprint(interop.load(OPENAI_DIR)[1])
-    assert f"Initialised from {OPENAI_DIR.resolve()} (openai, fingerprint {fingerprint})" in start
+    assert f"Initialised from {source_dir} (openai, fingerprint {fingerprint})" in start
     # 872 in the last block, 16 in the final norm; AdamW's mu and nu: 2 x 4 bytes each.
     assert "Trainable parameters: 888 of 404,072; optimizer state 7.0 KiB (3.1 MiB saved" in start
     assert train_main(_args(corpus, broken, cache, 3, *frozen)) == 0
+    shutil.rmtree(source_dir)  # a resume reads its checkpoint, never the source
     assert train_main(["--resume", "--out", str(broken), "--max-steps", "6"]) == 0
     assert "from step 3" in capsys.readouterr().out
     got, want = (
@@ -125,7 +129,7 @@ def test_frozen_finetune_from_openai(tmp_path: Path, corpus, cache, capsys) -> N
     saved = json.loads((broken / checkpoint.CONFIG_FILE).read_text())  # rewritten by --resume
     assert saved["train"]["trainable"] == FROZEN_CHOICE and saved["model"]["emb_dim"] == 8
     assert saved["init_from"] == {
-        "source": str(OPENAI_DIR.resolve()), "format": "openai", "fingerprint": fingerprint,
+        "source": str(source_dir), "format": "openai", "fingerprint": fingerprint,
     }  # fmt: skip
 
 

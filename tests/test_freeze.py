@@ -13,7 +13,7 @@ import pytest
 
 from jaxgpt import checkpoint
 from jaxgpt.config import TrainConfig
-from jaxgpt.freeze import Trainable, param_paths, select
+from jaxgpt.freeze import param_paths, select
 from jaxgpt.model import flatten_params, init_params, stack_blocks, unstack_blocks
 from jaxgpt.optim import adam_state, make_optimizer
 from jaxgpt.step import init_train_state, make_train_step
@@ -107,8 +107,3 @@ def test_checkpoint_of_a_frozen_run_restores_in_either_layout(
         want = state.params if config.scan_layers else unstack_blocks(state.params)
         jax.tree.map(np.testing.assert_array_equal, got.params, want)
         jax.tree.map(np.testing.assert_array_equal, got.opt_state, state.opt_state)
-
-
-def test_trainable_is_a_static_value() -> None:
-    """Hashable and comparable: it is closed over by the jitted step."""
-    assert Trainable(("a",)) == Trainable(("a",)) and hash(Trainable(("a",)))
