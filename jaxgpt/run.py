@@ -59,7 +59,8 @@ class Run:
     report: EventFn = field(default=None)  # type: ignore[assignment]  # every process's errors
     watch: runguard.PeerWatch | None = None  # several processes: notices a lost one
     trainable: freeze.Trainable | None = None  # None: every parameter trains
-    source: finetune.Source | None = None  # a fresh fine-tune's pretrained weights
+    source: finetune.Source | None = None  # a fresh fine-tune's weights, until placed
+    init_from: dict[str, str] | None = None  # what config.json records of the source
 
     def put(self, batch: Batch, rows_only: bool = False) -> Batch:
         """A host batch (whole, or with `rows_only` this process's rows of a training batch)
@@ -129,18 +130,18 @@ def prepare(
             f"warmup_steps={tc.warmup_steps} is not shorter than the run ({total} steps); "
             f"pass --warmup-steps below {total} (e.g. {total // 10})"
         )
-    if tc.init_from is not None and not resume:  # a resumed fine-tune reads its checkpoint
-        if source is None:
-            source = finetune.load_source(
-                tc.init_from, cache_dir=Path(tc.cache_dir).expanduser() / "openai",
-                n_heads=config.n_heads,
-            )  # fmt: skip
+    if tc.init_from is None or resume:
+        source = None  # a resumed fine-tune reads its checkpoint, never the source
+    elif source is None:
+        cache = Path(tc.cache_dir).expanduser() / "openai"
+        source = finetune.load_source(tc.init_from, cache_dir=cache, n_heads=config.n_heads)
+    if source is not None:
         finetune.check_source(source, config)
     return Run(
         config, tc, run_dir, splits, stride, steps_per_epoch, total,
         (on_event or _log_event) if main else _quiet, data.DataPosition(seed=tc.seed),
         mesh=mesh, main=main, report=on_event or _log_event, trainable=trainable,
-        source=None if resume else source,
+        source=source, init_from=None if source is None else source.info(),
     )  # fmt: skip
 
 
@@ -195,8 +196,7 @@ def start_state(run: Run, tx: optax.GradientTransformation, resume: bool) -> Tra
     if not resume:
         state = _fresh_state(run, tx, init, shardings)
         if run.main:
-            init_from = None if run.source is None else run.source.info()
-            checkpoint.save_run_config(run.dir, run.config, run.tc, init_from=init_from)
+            checkpoint.save_run_config(run.dir, run.config, run.tc, init_from=run.init_from)
         parallel.sync("jaxgpt: run folder set up")
         return state
     with checkpoint.manager(run.dir, keep=run.tc.keep) as mngr:
@@ -233,6 +233,7 @@ def _fresh_state(
     if run.source is None:
         return init() if run.mesh is None else parallel.init_sharded(init, shardings)
     params = finetune.place(run.source, run.config, shardings.params)
+    run.source = None  # the run holds no host copy of the weights from here on
     key = jax.random.key(run.tc.seed, impl=run.tc.prng_impl)
 
     def rest(p: Params) -> tuple:
@@ -375,7 +376,7 @@ def start_info(run: Run, state: TrainState, tx: optax.GradientTransformation) ->
         "mesh": None if run.mesh is None else dict(run.mesh.shape),
         "processes": jax.process_count(),
         **_trainable_info(run, state, tx),
-        "init_from": None if run.source is None else run.source.info(),
+        "init_from": run.init_from,
     }
 
 

@@ -275,3 +275,27 @@ def test_scanned_fsdp_frozen_finetune_resumes_on_another_layout(
         if not re.fullmatch(FROZEN_CHOICE, path):
             want = source[path][:16] if path == "pos_emb/embedding" else source[path]
             np.testing.assert_array_equal(final[path][: len(want)], want, err_msg=path)
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_fit_reads_the_source_itself(tmp_path: Path, corpus) -> None:
+    """The Python way in: `fit` with `TrainConfig.init_from` and no `source` loads it."""
+    from jaxgpt.config import TrainConfig
+    from jaxgpt.train import fit
+
+    config = finetune.model_config(finetune.load_source(str(OPENAI_DIR)), drop_rate=0.0)
+    tc = TrainConfig(
+        data=str(corpus), out=str(tmp_path / "run"), init_from=str(OPENAI_DIR), batch_size=4,
+        max_steps=2, eval_iter=2, sample_tokens=1, cache_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
+    events = {}
+    fit(config, tc, on_event=lambda name, e: events.setdefault(name, e), progress=False)
+    text = corpus.read_text(encoding="utf-8")
+    want = _book_eval(
+        openai_as_hf(), tokenizer.encode(text[int(0.9 * len(text)) :]), 32, 4, 2, False
+    )
+    assert events["untrained"]["val_loss"] == pytest.approx(want, rel=1e-5)
+    assert events["start"]["init_from"]["format"] == "openai"
+    with pytest.raises(ValueError, match="emb_dim=16 does not fit the weights"):
+        fit(config.replace(emb_dim=16), tc.replace(out=str(tmp_path / "other")))
