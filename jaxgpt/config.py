@@ -181,7 +181,8 @@ class TrainConfig(_DictMixin):
     out: str = "runs/default"
     checkpoint_every: int = 100
     keep: int = 3
-    cache_dir: str = "~/.cache/jaxgpt"  # where downloaded corpora are kept
+    # Downloaded corpora and the XLA cache; None: $XDG_CACHE_HOME/jaxgpt, else ~/.cache/jaxgpt.
+    cache_dir: str | None = None
     data_url: str | None = None  # base URL of the-verdict; None: the book's repository
     # Persistent XLA compilation cache in `cache_dir`/xla (scripts/train.py turns it on before
     # the first compile), so a second run with the same shapes does not compile again.

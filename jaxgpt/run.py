@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import optax
 
-from jaxgpt import checkpoint, data, metrics, parallel, runguard
+from jaxgpt import checkpoint, data, host, metrics, parallel, runguard
 from jaxgpt.config import GPTConfig, TrainConfig
 from jaxgpt.model import Params, count_params
 from jaxgpt.optim import SkipNonfiniteState
@@ -104,7 +104,7 @@ def prepare(config: GPTConfig, tc: TrainConfig, resume: bool, on_event: EventFn 
     mesh = _mesh(tc)  # a mesh that does not fit fails before the corpus is read or fetched
     splits = data.load_splits(
         tc.data,
-        cache_dir=Path(tc.cache_dir).expanduser(),
+        cache_dir=host.cache_dir(tc.cache_dir),
         train_ratio=tc.train_ratio,
         base_url=tc.data_url or data.VERDICT_BASE_URL,
     )

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 from jaxgpt.checkpoint import CONFIG_FILE, load_run_config
 from jaxgpt.cli import Parser
 from jaxgpt.config import ATTENTIONS, PRESETS, REMATS, GPTConfig, TrainConfig, get_preset
-from jaxgpt.host import enable_compile_cache, reuse_host_memory
+from jaxgpt.host import cache_dir, enable_compile_cache, reuse_host_memory
 from jaxgpt.runguard import CheckpointWriteError, NonFiniteError, SaveAborted, TrainingInterrupted
 from jaxgpt.train import fit
 
@@ -79,7 +79,8 @@ TRAIN_HELP = {
     "out": "run folder for config.json, metrics.jsonl, checkpoints/ and plots/",
     "checkpoint_every": "save a checkpoint every this many steps (and at the end)",
     "keep": "checkpoints to keep (the newest)",
-    "cache_dir": "where downloaded corpora are cached",
+    "cache_dir": "where downloaded corpora and compiled programs are cached; None: "
+    "$XDG_CACHE_HOME/jaxgpt, else ~/.cache/jaxgpt",
     "data_url": "base URL to download the-verdict.txt from",
     "compile_cache": "keep compiled programs in CACHE_DIR/xla so the next run does not compile "
     "again",
@@ -225,7 +226,7 @@ def _main(argv: list[str] | None) -> int:
     if train.reuse_host_memory:  # before the first computation starts XLA's threads
         reuse_host_memory()
     if train.compile_cache:
-        enable_compile_cache(train.cache_dir)
+        enable_compile_cache(cache_dir(train.cache_dir))
     fit(model, train, resume=args.resume, on_event=_print_event)
     return 0
 
