@@ -244,9 +244,9 @@ def save(run: Run, mngr: Any, state: TrainState) -> None:
     run.on_event("checkpoint", {"step": step, "dir": str(mngr.directory)})
 
 
-def stop_if_signalled(run: Run, mngr: Any, state: TrainState) -> None:
-    """Between steps: after SIGTERM/SIGINT, save the state and raise TrainingInterrupted."""
-    step = int(state.step)
+def stop_if_signalled(run: Run, mngr: Any, state: TrainState, step: int) -> None:
+    """Between steps: after SIGTERM/SIGINT, save the state and raise TrainingInterrupted.
+    `step` is the host's count (== state.step): reading the state would wait for the step."""
     signum = None if run.stop is None else run.stop.requested(step)
     if signum is None:
         return
