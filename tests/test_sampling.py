@@ -65,12 +65,13 @@ def _reference_greedy(params: dict, cfg: GPTConfig, prompt: list[int], n: int) -
 def book_model():
     torch = pytest.importorskip("torch")
     from llms_from_scratch.ch04 import GPTModel
+    from parity.parity_refs import randomize_
 
     torch.manual_seed(123)
     book_cfg = {k: getattr(CFG, k) for k in ("vocab_size", "context_length", "emb_dim")}
     book_cfg |= {"n_heads": CFG.n_heads, "n_layers": CFG.n_layers, "drop_rate": 0.0}
     book_cfg["qkv_bias"] = False
-    model = GPTModel(book_cfg).eval()
+    model = randomize_(GPTModel(book_cfg).eval(), 123)
     # The interop mapping is itself checked against PyTorch in tests/parity.
     return model, from_book_state_dict(model.state_dict(), CFG)[1]
 
