@@ -22,11 +22,13 @@ from jaxgpt.run import (
     Run,
     check_finite,
     hold_run_dir,
+    open_tracking,
     prepare,
     save,
     save_on_interrupt,
     start_info,
     start_state,
+    start_tracking,
     state_shardings,
     stop_if_signalled,
 )
@@ -107,6 +109,7 @@ def _eval_row(run: Run, state: TrainState, m: dict, eval_step: Callable, tok_s: 
     )
     if run.main:
         metrics.append_row(run.dir / metrics.METRICS_FILE, row)
+        run.trackers.log(row)  # TensorBoard, W&B: the same row at the same step
     run.rows.append(row)
     run.on_event("eval", {**row, "epoch_index": run.position.epoch + 1, "global_step": step - 1})
     return row
@@ -125,7 +128,8 @@ def fit(
     Evaluates after steps 1, 1 + eval_freq, ... (the book's schedule) and after the last step.
 
     Writes `config.json`, `metrics.jsonl` (a row per evaluation), `checkpoints/` (every
-    `checkpoint_every` steps, at the end, and on Ctrl-C) and `plots/`. `on_event(name,
+    `checkpoint_every` steps, at the end, and on Ctrl-C) and `plots/`; the same rows go to
+    TensorBoard and W&B when `tc.tensorboard` / `tc.wandb` ask (`jaxgpt.tracking`). `on_event(name,
     payload)` receives "start", "untrained", "eval", "sample", "checkpoint", "done" (with
     "times": wall seconds per phase, compilation split out); the default logs them.
 
@@ -144,7 +148,9 @@ def fit(
             run = prepare(config, tc, resume, on_event)
             tx = make_optimizer(tc, run.total_steps)
             hold_run_dir(held, run, tx, resume)
+            open_tracking(held, run)
             state = start_state(run, tx, resume)
+            start_tracking(run, state)
             shardings = None
             if run.mesh is not None:
                 shardings = (state_shardings(run, tx), parallel.batch_sharding(run.mesh))

@@ -97,6 +97,16 @@ TRAIN_HELP = {
     "process for dead; the others stop with exit status 75 after a quarter of it",
     "skip_nonfinite": "skip up to N steps in a row whose loss or gradients are nan/inf "
     "(params stay unchanged), then stop; 0 stops at the first",
+    "tensorboard": "also write metrics.jsonl's rows as TensorBoard scalars (and the config as "
+    "text) into DIR; without DIR: tensorboard/ in the run folder (pip install "
+    "'jaxgpt[tensorboard]')",
+    "wandb": "also log metrics.jsonl's rows to this Weights & Biases project (config.json as "
+    "the run's config; WANDB_MODE=offline works offline) (pip install 'jaxgpt[wandb]')",
+}
+# Tracking flags take their own argparse shape; the help says what happens without them.
+TRACKING_ARGS = {
+    "tensorboard": {"nargs": "?", "const": "", "metavar": "DIR"},
+    "wandb": {"metavar": "PROJECT"},
 }
 
 
@@ -135,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
             )
         elif kind is bool:
             p.add_argument(_flag(f.name), action="store_true", help=TRAIN_HELP[f.name])
+        elif f.name in TRACKING_ARGS:
+            extra = TRACKING_ARGS[f.name]
+            p.add_argument(_flag(f.name), default=None, help=TRAIN_HELP[f.name], **extra)
         else:
             text = f"{TRAIN_HELP[f.name]} (default: {f.default})"
             p.add_argument(_flag(f.name), type=kind, default=f.default, help=text)
