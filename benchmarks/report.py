@@ -71,6 +71,11 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+def _section(d: dict[str, Any], source: str, tables: list[str], note: str = "") -> str:
+    """The machine line, the tables, then a note: one report block's text."""
+    return "\n\n".join([machine(d, source), *tables, *([note] if note else [])])
+
+
 def _ms(s: float) -> str:
     return f"{1000 * s:.0f}"
 
@@ -106,7 +111,7 @@ def train_step(results: Path, name: str = "train_step.json") -> str:
         f"nanoGPT convention against the {peak['source']} ({peak['flops'] / 1e9:.0f} GFLOP/s; "
         f"PyTorch's: {peak['torch_flops'] / 1e9:.0f})."
     )
-    return "\n\n".join([machine(d, name), _table(header, rows), note])
+    return _section(d, name, [_table(header, rows)], note)
 
 
 def train_step_system_malloc(results: Path) -> str:
@@ -137,7 +142,7 @@ def book_run(results: Path) -> str:
         f"{s['weight_decay']}, {s['epochs']} epochs, eval every {s['eval_freq']} steps over "
         f"{s['eval_iter']} batches, seed {s['seed']}."
     )
-    return "\n\n".join([machine(d, "book_curve.json"), _table(header, rows), note])
+    return _section(d, "book_curve.json", [_table(header, rows)], note)
 
 
 def book_curve(results: Path) -> str:
@@ -150,7 +155,7 @@ def book_curve(results: Path) -> str:
         ours = "-" if j is None else f"{j['train']:.3f} / {j['val']:.3f}"
         rows.append([str(e["step"]), str(e["epoch"]), f"{e['train']:.3f} / {e['val']:.3f}", ours])
     header = ["step", "epoch", "book's PyTorch code: train / val", "jaxgpt: train / val"]
-    return "\n\n".join([machine(d, "book_curve.json"), _table(header, rows)])
+    return _section(d, "book_curve.json", [_table(header, rows)])
 
 
 def sampling(results: Path) -> str:
@@ -179,7 +184,7 @@ def sampling(results: Path) -> str:
         f"bandwidth ({d['bandwidth_gb_s']['read']:.1f} GB/s): "
         f"{d['bandwidth_floor_tokens_per_s']:.1f} tokens/s at batch 1."
     )
-    return "\n\n".join([machine(d, "sampling.json"), _table(header, rows), note])
+    return _section(d, "sampling.json", [_table(header, rows)], note)
 
 
 def prepare(results: Path) -> str:
@@ -193,7 +198,7 @@ def prepare(results: Path) -> str:
     header = ["corpus", "tokens", "workers", "tiktoken tokens/s", "prepare_data tokens/s",
               "speedup"]  # fmt: skip
     note = f"Best of {d['repeats']} repeats each, alternating; pool start-up and writes included."
-    return "\n\n".join([machine(d, "prepare.json"), _table(header, [row]), note])
+    return _section(d, "prepare.json", [_table(header, [row])], note)
 
 
 def _mesh(results: Path, name: str) -> str:
@@ -214,7 +219,7 @@ def _mesh(results: Path, name: str) -> str:
         f"`{d['model']}`, batch {d['batch_size']}; median of {d['repeats']} repeats of "
         f"{d['steps']} steps, alternating."
     )
-    return "\n\n".join([machine(d, name), _table(header, rows), note])
+    return _section(d, name, [_table(header, rows)], note)
 
 
 def mesh(results: Path) -> str:
@@ -243,8 +248,7 @@ def accel_cpu(results: Path) -> str:
          f"{r['argument_mib']:.0f}"]
         for r in memory
     ]  # fmt: skip
-    return "\n\n".join([
-        machine(d, "accel_cpu.json"),
+    return _section(d, "accel_cpu.json", [
         _table(["model", "layers", "batch", "lower s", "compile s", "total s"], compile_rows),
         _table(["model", "dtype", "batch x seq", "layers", "remat", "temporaries MiB",
                 "arguments MiB"], memory_rows),
