@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import optax
 
-from jaxgpt import checkpoint, data, metrics, parallel, runguard
+from jaxgpt import checkpoint, data, host, metrics, parallel, runguard, tracking
 from jaxgpt.config import GPTConfig, TrainConfig
 from jaxgpt.model import Params, count_params
 from jaxgpt.optim import SkipNonfiniteState
@@ -30,7 +30,7 @@ EventFn = Callable[[str, dict[str, Any]], None]
 RESUMABLE_CHANGES = frozenset(
     {"epochs", "max_steps", "eval_freq", "eval_iter", "checkpoint_every", "keep",
      "start_context", "sample_tokens", "out", "cache_dir", "data_url", "compile_cache",
-     "grad_accum", "mesh", "skip_nonfinite", "heartbeat_timeout"}
+     "grad_accum", "mesh", "skip_nonfinite", "heartbeat_timeout", "tensorboard", "wandb"}
 )  # fmt: skip
 # Model settings a resumed run may change: how the same model is computed, not what it is.
 MODEL_RESUMABLE_CHANGES = ("attention", "scan_layers", "remat")
@@ -58,6 +58,7 @@ class Run:
     main: bool = True  # process 0: the one that prints and writes metrics and plots
     report: EventFn = field(default=None)  # type: ignore[assignment]  # every process's errors
     watch: runguard.PeerWatch | None = None  # several processes: notices a lost one
+    trackers: tracking.Trackers = field(default_factory=lambda: tracking.Trackers([]))
 
     def put(self, batch: Batch, rows_only: bool = False) -> Batch:
         """A host batch (whole, or with `rows_only` this process's rows of a training batch)
@@ -99,12 +100,13 @@ def _log_event(name: str, payload: dict[str, Any]) -> None:
 
 def prepare(config: GPTConfig, tc: TrainConfig, resume: bool, on_event: EventFn | None) -> Run:
     run_dir = Path(tc.out)
+    tracking.check_installed(tc)
     _check_run_dir(run_dir, config, tc, resume)
     parallel.sync("jaxgpt: run folder checked")  # before process 0 writes into it
     mesh = _mesh(tc)  # a mesh that does not fit fails before the corpus is read or fetched
     splits = data.load_splits(
         tc.data,
-        cache_dir=Path(tc.cache_dir).expanduser(),
+        cache_dir=host.cache_dir(tc.cache_dir),
         train_ratio=tc.train_ratio,
         base_url=tc.data_url or data.VERDICT_BASE_URL,
     )
@@ -244,9 +246,9 @@ def save(run: Run, mngr: Any, state: TrainState) -> None:
     run.on_event("checkpoint", {"step": step, "dir": str(mngr.directory)})
 
 
-def stop_if_signalled(run: Run, mngr: Any, state: TrainState) -> None:
-    """Between steps: after SIGTERM/SIGINT, save the state and raise TrainingInterrupted."""
-    step = int(state.step)
+def stop_if_signalled(run: Run, mngr: Any, state: TrainState, step: int) -> None:
+    """Between steps: after SIGTERM/SIGINT, save the state and raise TrainingInterrupted.
+    `step` is the host's count (== state.step): reading the state would wait for the step."""
     signum = None if run.stop is None else run.stop.requested(step)
     if signum is None:
         return
@@ -286,6 +288,20 @@ def hold_run_dir(
     _check_run_dir(run.dir, run.config, run.tc, resume)
     like = jax.eval_shape(lambda: init_train_state(run.config, tx, jax.random.key(0)))
     runguard.check_free_space(run.dir, checkpoint.state_bytes(like), run.tc.keep)
+
+
+def open_tracking(held: contextlib.ExitStack, run: Run) -> None:
+    """Open the trackers the run asks for (process 0; closed with `held`). Call it before
+    `start_state`: W&B starts before the run folder is set up."""
+    config = {"model": run.config.to_dict(), "train": run.tc.to_dict()}  # as config.json
+    run.trackers = held.enter_context(tracking.open_trackers(run.dir, run.tc, config, run.main))
+
+
+def start_tracking(run: Run, state: TrainState) -> None:
+    """Tell the trackers where the run starts, with its config.json (after `start_state`)."""
+    if run.trackers.trackers:
+        config_text = (run.dir / checkpoint.CONFIG_FILE).read_text(encoding="utf-8")
+        run.trackers.start(int(state.step), config_text)
 
 
 def _peer_watch(run: Run) -> runguard.PeerWatch:

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 from jaxgpt.checkpoint import CONFIG_FILE, load_run_config
 from jaxgpt.cli import Parser
 from jaxgpt.config import ATTENTIONS, PRESETS, REMATS, GPTConfig, TrainConfig, get_preset
-from jaxgpt.host import enable_compile_cache, reuse_host_memory
+from jaxgpt.host import cache_dir, enable_compile_cache, reuse_host_memory
 from jaxgpt.runguard import CheckpointWriteError, NonFiniteError, SaveAborted, TrainingInterrupted
 from jaxgpt.train import fit
 
@@ -79,7 +79,8 @@ TRAIN_HELP = {
     "out": "run folder for config.json, metrics.jsonl, checkpoints/ and plots/",
     "checkpoint_every": "save a checkpoint every this many steps (and at the end)",
     "keep": "checkpoints to keep (the newest)",
-    "cache_dir": "where downloaded corpora are cached",
+    "cache_dir": "where downloaded corpora and compiled programs are cached; None: "
+    "$XDG_CACHE_HOME/jaxgpt, else ~/.cache/jaxgpt",
     "data_url": "base URL to download the-verdict.txt from",
     "compile_cache": "keep compiled programs in CACHE_DIR/xla so the next run does not compile "
     "again",
@@ -96,6 +97,16 @@ TRAIN_HELP = {
     "process for dead; the others stop with exit status 75 after a quarter of it",
     "skip_nonfinite": "skip up to N steps in a row whose loss or gradients are nan/inf "
     "(params stay unchanged), then stop; 0 stops at the first",
+    "tensorboard": "also write metrics.jsonl's rows as TensorBoard scalars (and the config as "
+    "text) into DIR; without DIR: tensorboard/ in the run folder (pip install "
+    "'jaxgpt[tensorboard]')",
+    "wandb": "also log metrics.jsonl's rows to this Weights & Biases project (config.json as "
+    "the run's config; WANDB_MODE=offline works offline) (pip install 'jaxgpt[wandb]')",
+}
+# Tracking flags take their own argparse shape; the help says what happens without them.
+TRACKING_ARGS = {
+    "tensorboard": {"nargs": "?", "const": "", "metavar": "DIR"},
+    "wandb": {"metavar": "PROJECT"},
 }
 
 
@@ -134,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
             )
         elif kind is bool:
             p.add_argument(_flag(f.name), action="store_true", help=TRAIN_HELP[f.name])
+        elif f.name in TRACKING_ARGS:
+            extra = TRACKING_ARGS[f.name]
+            p.add_argument(_flag(f.name), default=None, help=TRAIN_HELP[f.name], **extra)
         else:
             text = f"{TRAIN_HELP[f.name]} (default: {f.default})"
             p.add_argument(_flag(f.name), type=kind, default=f.default, help=text)
@@ -225,7 +239,7 @@ def _main(argv: list[str] | None) -> int:
     if train.reuse_host_memory:  # before the first computation starts XLA's threads
         reuse_host_memory()
     if train.compile_cache:
-        enable_compile_cache(train.cache_dir)
+        enable_compile_cache(cache_dir(train.cache_dir))
     fit(model, train, resume=args.resume, on_event=_print_event)
     return 0
 
