@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.model import Params, flatten_params, init_params, unflatten_params
@@ -94,3 +95,23 @@ def select(pattern: str | None, config: GPTConfig) -> Trainable | None:
             "norm and the head (docs/finetuning.md lists the paths)"
         )
     return None if len(chosen) == len(paths) else Trainable(chosen)
+
+
+def summary(
+    trainable: Trainable | None, tx: optax.GradientTransformation, params: Params, opt_state: Any
+) -> dict[str, int]:
+    """Scalars that train, the optimizer state's bytes, and the bytes freezing saves (what
+    `tx`'s state over every parameter would hold, less `opt_state`'s)."""
+    if trainable is None:
+        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+        return {"trainable_params": n, "opt_state_bytes": _nbytes(opt_state), "opt_saved_bytes": 0}
+    whole = jax.eval_shape(tx.init, params)
+    return {
+        "trainable_params": trainable.count(params),
+        "opt_state_bytes": _nbytes(opt_state),
+        "opt_saved_bytes": _nbytes(whole) - _nbytes(opt_state),
+    }
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import optax
 
-from jaxgpt import checkpoint, data, finetune, freeze, metrics, parallel, runguard
+from jaxgpt import checkpoint, data, finetune, freeze, host, metrics, parallel, runguard, tracking
 from jaxgpt.config import GPTConfig, TrainConfig
 from jaxgpt.model import Params, count_params
 from jaxgpt.optim import SkipNonfiniteState
@@ -30,7 +30,7 @@ EventFn = Callable[[str, dict[str, Any]], None]
 RESUMABLE_CHANGES = frozenset(
     {"epochs", "max_steps", "eval_freq", "eval_iter", "checkpoint_every", "keep",
      "start_context", "sample_tokens", "out", "cache_dir", "data_url", "compile_cache",
-     "grad_accum", "mesh", "skip_nonfinite", "heartbeat_timeout"}
+     "grad_accum", "mesh", "skip_nonfinite", "heartbeat_timeout", "tensorboard", "wandb"}
 )  # fmt: skip
 # Model settings a resumed run may change: how the same model is computed, not what it is.
 MODEL_RESUMABLE_CHANGES = ("attention", "scan_layers", "remat")
@@ -61,6 +61,7 @@ class Run:
     trainable: freeze.Trainable | None = None  # None: every parameter trains
     source: finetune.Source | None = None  # a fresh fine-tune's weights, until placed
     init_from: dict[str, str] | None = None  # what config.json records of the source
+    trackers: tracking.Trackers = field(default_factory=lambda: tracking.Trackers([]))
 
     def put(self, batch: Batch, rows_only: bool = False) -> Batch:
         """A host batch (whole, or with `rows_only` this process's rows of a training batch)
@@ -108,13 +109,14 @@ def prepare(
     source: finetune.Source | None = None,
 ) -> Run:
     run_dir = Path(tc.out)
+    tracking.check_installed(tc)
     _check_run_dir(run_dir, config, tc, resume)
     parallel.sync("jaxgpt: run folder checked")  # before process 0 writes into it
     trainable = freeze.select(tc.trainable, config)
     mesh = _mesh(tc)  # a mesh that does not fit fails before the corpus is read or fetched
     splits = data.load_splits(
         tc.data,
-        cache_dir=Path(tc.cache_dir).expanduser(),
+        cache_dir=host.cache_dir(tc.cache_dir),
         train_ratio=tc.train_ratio,
         base_url=tc.data_url or data.VERDICT_BASE_URL,
     )
@@ -133,7 +135,7 @@ def prepare(
     if tc.init_from is None or resume:
         source = None  # a resumed fine-tune reads its checkpoint, never the source
     elif source is None:
-        cache = Path(tc.cache_dir).expanduser() / "openai"
+        cache = host.cache_dir(tc.cache_dir) / "openai"
         source = finetune.load_source(tc.init_from, cache_dir=cache, n_heads=config.n_heads)
     if source is not None:
         finetune.check_source(source, config)
@@ -278,9 +280,9 @@ def save(run: Run, mngr: Any, state: TrainState) -> None:
     run.on_event("checkpoint", {"step": step, "dir": str(mngr.directory)})
 
 
-def stop_if_signalled(run: Run, mngr: Any, state: TrainState) -> None:
-    """Between steps: after SIGTERM/SIGINT, save the state and raise TrainingInterrupted."""
-    step = int(state.step)
+def stop_if_signalled(run: Run, mngr: Any, state: TrainState, step: int) -> None:
+    """Between steps: after SIGTERM/SIGINT, save the state and raise TrainingInterrupted.
+    `step` is the host's count (== state.step): reading the state would wait for the step."""
     signum = None if run.stop is None else run.stop.requested(step)
     if signum is None:
         return
@@ -320,6 +322,20 @@ def hold_run_dir(
     _check_run_dir(run.dir, run.config, run.tc, resume)
     like = jax.eval_shape(_init_fn(run, tx))
     runguard.check_free_space(run.dir, checkpoint.state_bytes(like), run.tc.keep)
+
+
+def open_tracking(held: contextlib.ExitStack, run: Run) -> None:
+    """Open the trackers the run asks for (process 0; closed with `held`). Call it before
+    `start_state`: W&B starts before the run folder is set up."""
+    config = {"model": run.config.to_dict(), "train": run.tc.to_dict()}  # as config.json
+    run.trackers = held.enter_context(tracking.open_trackers(run.dir, run.tc, config, run.main))
+
+
+def start_tracking(run: Run, state: TrainState) -> None:
+    """Tell the trackers where the run starts, with its config.json (after `start_state`)."""
+    if run.trackers.trackers:
+        config_text = (run.dir / checkpoint.CONFIG_FILE).read_text(encoding="utf-8")
+        run.trackers.start(int(state.step), config_text)
 
 
 def _peer_watch(run: Run) -> runguard.PeerWatch:
@@ -375,26 +391,6 @@ def start_info(run: Run, state: TrainState, tx: optax.GradientTransformation) ->
         "run_dir": str(run.dir),
         "mesh": None if run.mesh is None else dict(run.mesh.shape),
         "processes": jax.process_count(),
-        **_trainable_info(run, state, tx),
+        **freeze.summary(run.trainable, tx, state.params, state.opt_state),
         "init_from": run.init_from,
-    }
-
-
-def _trainable_info(
-    run: Run, state: TrainState, tx: optax.GradientTransformation
-) -> dict[str, Any]:
-    """Parameters that train and the optimizer state's bytes, with those freezing saves."""
-    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
-    if run.trainable is None:
-        n = count_params(state.params)
-        return {
-            "trainable_params": n,
-            "opt_state_bytes": nbytes(state.opt_state),
-            "opt_saved_bytes": 0,
-        }
-    whole = jax.eval_shape(tx.init, state.params)  # what every parameter training would hold
-    return {
-        "trainable_params": run.trainable.count(state.params),
-        "opt_state_bytes": nbytes(state.opt_state),
-        "opt_saved_bytes": nbytes(whole) - nbytes(state.opt_state),
     }

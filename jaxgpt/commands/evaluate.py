@@ -14,12 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any, NoReturn
 
 from jaxgpt.cli import Parser
-
-DEFAULT_CACHE = "~/.cache/jaxgpt"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the figures as one JSON line")
     p.add_argument(
         "--cache-dir",
-        default=DEFAULT_CACHE,
-        help=f"cache of the-verdict and named OpenAI models (default: {DEFAULT_CACHE})",
+        help="cache of the-verdict and named OpenAI models (CACHE_DIR/openai) (default: "
+        "$XDG_CACHE_HOME/jaxgpt, else ~/.cache/jaxgpt)",
     )
     p.add_argument("--data-url", help="base URL to download the-verdict.txt from")
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -72,10 +69,10 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Load the weights and the text, score, print; returns the figures."""
-    from jaxgpt import data, finetune, scoring
+    from jaxgpt import data, finetune, host, scoring
 
     _check_args(args)
-    cache = Path(args.cache_dir).expanduser()
+    cache = host.cache_dir(args.cache_dir)
     fmt, config, params = finetune.read_weights(
         args.weights, flag="--weights", cache_dir=cache / "openai", n_heads=args.n_heads
     )

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 from jaxgpt.checkpoint import CONFIG_FILE, load_run_config
 from jaxgpt.cli import Parser
 from jaxgpt.config import ATTENTIONS, PRESETS, REMATS, GPTConfig, TrainConfig, get_preset
-from jaxgpt.host import enable_compile_cache, reuse_host_memory
+from jaxgpt.host import cache_dir, enable_compile_cache, reuse_host_memory
 from jaxgpt.runguard import CheckpointWriteError, NonFiniteError, SaveAborted, TrainingInterrupted
 from jaxgpt.train import fit
 
@@ -79,7 +79,8 @@ TRAIN_HELP = {
     "out": "run folder for config.json, metrics.jsonl, checkpoints/ and plots/",
     "checkpoint_every": "save a checkpoint every this many steps (and at the end)",
     "keep": "checkpoints to keep (the newest)",
-    "cache_dir": "where downloaded corpora are cached",
+    "cache_dir": "where downloaded corpora and compiled programs are cached; None: "
+    "$XDG_CACHE_HOME/jaxgpt, else ~/.cache/jaxgpt",
     "data_url": "base URL to download the-verdict.txt from",
     "compile_cache": "keep compiled programs in CACHE_DIR/xla so the next run does not compile "
     "again",
@@ -103,6 +104,16 @@ TRAIN_HELP = {
     "trainable": "train only the parameters whose path matches this regex whole, e.g. "
     "'(trf_blocks_11|final_norm|out_head)/.*'; the others stay frozen and get no optimizer "
     "state (paths: see docs/finetuning.md)",
+    "tensorboard": "also write metrics.jsonl's rows as TensorBoard scalars (and the config as "
+    "text) into DIR; without DIR: tensorboard/ in the run folder (pip install "
+    "'jaxgpt[tensorboard]')",
+    "wandb": "also log metrics.jsonl's rows to this Weights & Biases project (config.json as "
+    "the run's config; WANDB_MODE=offline works offline) (pip install 'jaxgpt[wandb]')",
+}
+# Tracking flags take their own argparse shape; the help says what happens without them.
+TRACKING_ARGS = {
+    "tensorboard": {"nargs": "?", "const": "", "metavar": "DIR"},
+    "wandb": {"metavar": "PROJECT"},
 }
 
 
@@ -141,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
             )
         elif kind is bool:
             p.add_argument(_flag(f.name), action="store_true", help=TRAIN_HELP[f.name])
+        elif f.name in TRACKING_ARGS:
+            extra = TRACKING_ARGS[f.name]
+            p.add_argument(_flag(f.name), default=None, help=TRAIN_HELP[f.name], **extra)
         else:
             text = f"{TRAIN_HELP[f.name]} (default: {f.default})"
             p.add_argument(_flag(f.name), type=kind, default=f.default, help=text)
@@ -246,12 +260,12 @@ def _main(argv: list[str] | None) -> int:
     if train.reuse_host_memory:  # before the first computation starts XLA's threads
         reuse_host_memory()
     if train.compile_cache:
-        enable_compile_cache(train.cache_dir)
+        enable_compile_cache(cache_dir(train.cache_dir))
     source = None
     if fresh_finetune:
         from jaxgpt import finetune
 
-        cache = Path(train.cache_dir).expanduser() / "openai"
+        cache = cache_dir(train.cache_dir) / "openai"
         source = finetune.load_source(train.init_from, cache_dir=cache, n_heads=args.n_heads)
         model = finetune.model_config(source, preset=args.model, **_given(args))
     fit(model, train, resume=args.resume, on_event=_print_event, source=source)
