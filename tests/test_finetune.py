@@ -249,11 +249,12 @@ def test_init_from_each_source_kind(kind: str, tmp_path: Path, corpus, cache, ca
 def test_scanned_fsdp_frozen_finetune_resumes_on_another_layout(
     tmp_path: Path, corpus, cache, capsys
 ) -> None:
-    """A frozen fine-tune on an fsdp mesh with scanned layers, a padded vocabulary and a shorter
-    context starts at the source's loss and resumes unrolled on a data mesh: the same run as
-    one left unbroken (float32 in another order: rtol 1e-5)."""
+    """A frozen fine-tune on an fsdp mesh with scanned, rematerialised layers, XLA attention, a
+    padded vocabulary and a shorter context starts at the source's loss and resumes unrolled
+    on a data mesh: the same run as one left unbroken (float32 in another order: rtol 1e-5)."""
     switches = ("--trainable", FROZEN_CHOICE, "--context-length", "16", "--vocab-pad", "64")
-    first = ("--mesh", "fsdp=2", "--scan-layers", *switches)
+    first = ("--mesh", "fsdp=2", "--scan-layers", "--remat", "block", "--attention", "xla")
+    first = (*first, *switches)
     unbroken, broken = tmp_path / "unbroken", tmp_path / "broken"
     assert train_main(_args(corpus, unbroken, cache, 6, *first)) == 0
     train0, val0 = _first_eval(capsys.readouterr().out)

@@ -14,6 +14,7 @@ from pretrained import hf_model
 
 from jaxgpt import data, scoring, tokenizer
 from jaxgpt.commands.evaluate import main as evaluate_main
+from jaxgpt.commands.prepare import main as prepare_main
 
 CTX = 31  # windows of 31 inputs: HF's loop feeds 32 tokens (n_positions of the model)
 
@@ -115,19 +116,25 @@ def test_evaluate_equals_transformers(hf, text: Path, capsys, stride: int) -> No
 
 @pytest.mark.torch
 def test_token_files_score_as_their_text(hf, text: Path, tmp_path: Path, capsys) -> None:
-    """--data takes what train.py --data takes: a .bin token file and a folder of .txt files
-    score as the text does (the whole of it, no split)."""
+    """--data takes what train.py --data takes: a .bin token file, a folder of .txt files and
+    a folder of prepared shards score as the text does (the whole of it: train and
+    validation shards in their order)."""
     _, path = hf
     figures = []
     folder = tmp_path / "docs"
     folder.mkdir()
     (folder / "a.txt").write_text(text.read_text(encoding="utf-8"), encoding="utf-8")
     data.tokenize_to_file(text, tmp_path / "tokens.bin")
-    for spec in (text, tmp_path / "tokens.bin", folder):
+    assert prepare_main([str(text), "--out", str(tmp_path / "shards"), "--quiet"]) == 0
+    assert data.is_token_shards(tmp_path / "shards")
+    for spec in (text, tmp_path / "tokens.bin", folder, tmp_path / "shards"):
         assert evaluate_main(["--weights", str(path), "--data", str(spec), "--json"]) == 0
         figures.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
-    assert figures[0]["tokens"] == figures[1]["tokens"] == figures[2]["tokens"]
-    assert figures[0]["nats"] == figures[1]["nats"] == figures[2]["nats"]
+    assert len({(f["tokens"], f["nats"], f["bytes"]) for f in figures[:3]}) == 1, figures
+    # prepare_data cuts train from validation by bytes and encodes the two apart (as train.py
+    # splits a text): the same bytes, here one token more, all of them scored.
+    shards = data.load_tokens(str(tmp_path / "shards"), cache_dir=tmp_path)
+    assert figures[3]["bytes"] == figures[0]["bytes"] and figures[3]["tokens"] == len(shards) - 1
     assert figures[0]["context_length"] == 32 and figures[0]["stride"] == 32  # the model's
 
 
