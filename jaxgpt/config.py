@@ -212,6 +212,12 @@ class TrainConfig(_DictMixin):
     # Weights & Biases run in this project. None: off.
     tensorboard: str | None = None
     wandb: str | None = None
+    # Start from pretrained weights: anything `jaxgpt.load` reads (gpt2..gpt2-xl by name, an
+    # OpenAI / HF folder, .safetensors, the book's .pth, a jaxgpt run or .npz). None: random.
+    init_from: str | None = None
+    # Only the params whose "/"-joined path (layers unrolled) matches this regex whole train;
+    # the others are frozen, with no optimizer state. None: all train.
+    trainable: str | None = None
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "epochs", "eval_freq", "eval_iter", "checkpoint_every", "keep")

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import optax
 
-from jaxgpt import checkpoint, data, host, metrics, parallel, runguard, tracking
+from jaxgpt import checkpoint, data, finetune, freeze, host, metrics, parallel, runguard, tracking
 from jaxgpt.config import GPTConfig, TrainConfig
 from jaxgpt.model import Params, count_params
 from jaxgpt.optim import SkipNonfiniteState
@@ -58,6 +58,9 @@ class Run:
     main: bool = True  # process 0: the one that prints and writes metrics and plots
     report: EventFn = field(default=None)  # type: ignore[assignment]  # every process's errors
     watch: runguard.PeerWatch | None = None  # several processes: notices a lost one
+    trainable: freeze.Trainable | None = None  # None: every parameter trains
+    source: finetune.Source | None = None  # a fresh fine-tune's weights, until placed
+    init_from: dict[str, str] | None = None  # what config.json records of the source
     trackers: tracking.Trackers = field(default_factory=lambda: tracking.Trackers([]))
 
     def put(self, batch: Batch, rows_only: bool = False) -> Batch:
@@ -98,11 +101,18 @@ def _log_event(name: str, payload: dict[str, Any]) -> None:
     log.info("%s %s", name, payload)
 
 
-def prepare(config: GPTConfig, tc: TrainConfig, resume: bool, on_event: EventFn | None) -> Run:
+def prepare(
+    config: GPTConfig,
+    tc: TrainConfig,
+    resume: bool,
+    on_event: EventFn | None,
+    source: finetune.Source | None = None,
+) -> Run:
     run_dir = Path(tc.out)
     tracking.check_installed(tc)
     _check_run_dir(run_dir, config, tc, resume)
     parallel.sync("jaxgpt: run folder checked")  # before process 0 writes into it
+    trainable = freeze.select(tc.trainable, config)
     mesh = _mesh(tc)  # a mesh that does not fit fails before the corpus is read or fetched
     splits = data.load_splits(
         tc.data,
@@ -122,10 +132,18 @@ def prepare(config: GPTConfig, tc: TrainConfig, resume: bool, on_event: EventFn 
             f"warmup_steps={tc.warmup_steps} is not shorter than the run ({total} steps); "
             f"pass --warmup-steps below {total} (e.g. {total // 10})"
         )
+    if tc.init_from is None or resume:
+        source = None  # a resumed fine-tune reads its checkpoint, never the source
+    elif source is None:
+        cache = host.cache_dir(tc.cache_dir) / "openai"
+        source = finetune.load_source(tc.init_from, cache_dir=cache, n_heads=config.n_heads)
+    if source is not None:
+        finetune.check_source(source, config)
     return Run(
         config, tc, run_dir, splits, stride, steps_per_epoch, total,
         (on_event or _log_event) if main else _quiet, data.DataPosition(seed=tc.seed),
-        mesh=mesh, main=main, report=on_event or _log_event,
+        mesh=mesh, main=main, report=on_event or _log_event, trainable=trainable,
+        source=source, init_from=None if source is None else source.info(),
     )  # fmt: skip
 
 
@@ -168,19 +186,19 @@ def _check_run_dir(run_dir: Path, config: GPTConfig, tc: TrainConfig, resume: bo
 
 
 def start_state(run: Run, tx: optax.GradientTransformation, resume: bool) -> TrainState:
-    key = jax.random.key(run.tc.seed, impl=run.tc.prng_impl)
+    """Step 0 (fresh weights, or the source's of a fine-tune) or the newest checkpoint."""
+    init = _init_fn(run, tx)
+    like = jax.eval_shape(init)
     if run.mesh is None:
-        state = init_train_state(run.config, tx, key)
-        like = jax.eval_shape(lambda: state)
         # Explicit, so a checkpoint written on another mesh restores onto this one device.
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: one, like)
     else:
-        state, shardings = _sharded_init(run, tx, not resume)
-        like = state
+        shardings = state_shardings(run, tx)
     if not resume:
+        state = _fresh_state(run, tx, init, shardings)
         if run.main:
-            checkpoint.save_run_config(run.dir, run.config, run.tc)
+            checkpoint.save_run_config(run.dir, run.config, run.tc, init_from=run.init_from)
         parallel.sync("jaxgpt: run folder set up")
         return state
     with checkpoint.manager(run.dir, keep=run.tc.keep) as mngr:
@@ -200,17 +218,33 @@ def start_state(run: Run, tx: optax.GradientTransformation, resume: bool) -> Tra
 
 def state_shardings(run: Run, tx: optax.GradientTransformation) -> Any:
     """The TrainState's shardings on the run's mesh (FSDP rule of `jaxgpt.parallel`)."""
-    key = jax.random.key(run.tc.seed, impl=run.tc.prng_impl)
-    init = lambda: init_train_state(run.config, tx, key)  # noqa: E731
-    return parallel.tree_shardings(jax.eval_shape(init), run.mesh)
+    return parallel.tree_shardings(jax.eval_shape(_init_fn(run, tx)), run.mesh)
 
 
-def _sharded_init(run: Run, tx: optax.GradientTransformation, concrete: bool) -> tuple:
-    # Fresh: each device computes its own shards. Resumed: only the abstract state is needed.
+def _init_fn(run: Run, tx: optax.GradientTransformation) -> Callable[[], TrainState]:
+    """The run's fresh state (random weights) as a function: abstract shapes come from it."""
     key = jax.random.key(run.tc.seed, impl=run.tc.prng_impl)
-    init = lambda: init_train_state(run.config, tx, key)  # noqa: E731
-    shardings = state_shardings(run, tx)
-    return (parallel.init_sharded(init, shardings) if concrete else jax.eval_shape(init)), shardings
+    return lambda: init_train_state(run.config, tx, key, trainable=run.trainable)
+
+
+def _fresh_state(
+    run: Run, tx: optax.GradientTransformation, init: Callable[[], TrainState], shardings: Any
+) -> TrainState:
+    """Step 0 on `shardings`: random weights (on a mesh each device computes its own shards),
+    or the source's placed shard by shard, with a fresh optimizer state and the same key."""
+    if run.source is None:
+        return init() if run.mesh is None else parallel.init_sharded(init, shardings)
+    params = finetune.place(run.source, run.config, shardings.params)
+    run.source = None  # the run holds no host copy of the weights from here on
+    key = jax.random.key(run.tc.seed, impl=run.tc.prng_impl)
+
+    def rest(p: Params) -> tuple:
+        s = init_train_state(run.config, tx, key, params=p, trainable=run.trainable)
+        return s.step, s.opt_state, s.key
+
+    out = (shardings.step, shardings.opt_state, shardings.key)
+    step, opt_state, dropout_key = jax.jit(rest, out_shardings=out)(params)
+    return TrainState(step=step, params=params, opt_state=opt_state, key=dropout_key)
 
 
 def check_finite(run: Run, state: TrainState) -> None:
@@ -286,7 +320,7 @@ def hold_run_dir(
         return
     held.enter_context(runguard.RunLock(run.dir))
     _check_run_dir(run.dir, run.config, run.tc, resume)
-    like = jax.eval_shape(lambda: init_train_state(run.config, tx, jax.random.key(0)))
+    like = jax.eval_shape(_init_fn(run, tx))
     runguard.check_free_space(run.dir, checkpoint.state_bytes(like), run.tc.keep)
 
 
@@ -337,7 +371,7 @@ def _peer_watch(run: Run) -> runguard.PeerWatch:
     )
 
 
-def start_info(run: Run, state: TrainState) -> dict[str, Any]:
+def start_info(run: Run, state: TrainState, tx: optax.GradientTransformation) -> dict[str, Any]:
     return {
         "device": str(jax.devices()[0].device_kind),
         "platform": jax.default_backend(),
@@ -357,4 +391,6 @@ def start_info(run: Run, state: TrainState) -> dict[str, Any]:
         "run_dir": str(run.dir),
         "mesh": None if run.mesh is None else dict(run.mesh.shape),
         "processes": jax.process_count(),
+        **freeze.summary(run.trainable, tx, state.params, state.opt_state),
+        "init_from": run.init_from,
     }

@@ -15,6 +15,7 @@ import jax
 
 from jaxgpt import checkpoint, data, metrics, parallel, sampling, tokenizer
 from jaxgpt.config import GPTConfig, TrainConfig
+from jaxgpt.finetune import Source
 from jaxgpt.model import Params
 from jaxgpt.optim import make_optimizer
 from jaxgpt.run import (
@@ -122,6 +123,7 @@ def fit(
     resume: bool = False,
     on_event: EventFn | None = None,
     progress: bool = True,
+    source: Source | None = None,
 ) -> FitResult:
     """Train `config` with `tc` into the run folder `tc.out`, as the book's `train_model_simple`.
 
@@ -132,6 +134,10 @@ def fit(
     TensorBoard and W&B when `tc.tensorboard` / `tc.wandb` ask (`jaxgpt.tracking`). `on_event(name,
     payload)` receives "start", "untrained", "eval", "sample", "checkpoint", "done" (with
     "times": wall seconds per phase, compilation split out); the default logs them.
+
+    `tc.init_from` starts from pretrained weights (read here unless `source`, from
+    `jaxgpt.finetune.load_source`, holds them; `config` must fit them: see
+    `finetune.model_config`); `tc.trainable` trains only the params it matches.
 
     A lock on the run folder refuses a second run into it. SIGTERM/SIGINT finish the
     current step, save it and raise `TrainingInterrupted` (a second signal: `SaveAborted`).
@@ -145,7 +151,7 @@ def fit(
     timer = metrics.PhaseTimer()
     with timer, contextlib.ExitStack() as held:
         with timer.phase("setup"):
-            run = prepare(config, tc, resume, on_event)
+            run = prepare(config, tc, resume, on_event, source)
             tx = make_optimizer(tc, run.total_steps)
             hold_run_dir(held, run, tx, resume)
             open_tracking(held, run)
@@ -154,9 +160,11 @@ def fit(
             shardings = None
             if run.mesh is not None:
                 shardings = (state_shardings(run, tx), parallel.batch_sharding(run.mesh))
-            train_step = make_train_step(config, tx, tc.grad_accum, shardings=shardings)
+            train_step = make_train_step(
+                config, tx, tc.grad_accum, shardings=shardings, trainable=run.trainable
+            )
             eval_step = make_eval_step(config)
-        run.on_event("start", start_info(run, state))
+        run.on_event("start", start_info(run, state, tx))
         if int(state.step) == 0:
             with timer.phase("eval"):
                 train_loss, val_loss = run.evaluate(state.params, eval_step)
