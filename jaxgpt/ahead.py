@@ -127,16 +127,18 @@ def warm_fit(
         return
     train_step, eval_step = steps
     key = jax.random.key(run.tc.seed, impl=run.tc.prng_impl)
-    like = jax.eval_shape(lambda: init_train_state(run.config, tx, key))
-    # Where the state's arrays will live: a fresh state is not committed to a device; a
-    # restored one is placed on device 0; on a mesh, the FSDP shardings.
+    like = jax.eval_shape(lambda: init_train_state(run.config, tx, key, trainable=run.trainable))
+    # Where the state's arrays will live: fresh random weights are not committed to a device;
+    # a restored state, or a fine-tune's source weights, are placed on device 0; on a mesh,
+    # the FSDP shardings.
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    committed = resume or run.source is not None
     if shardings is not None:
         placed = shardings[0]
     else:
-        placed = _same(like, one) if resume else None
+        placed = _same(like, one) if committed else None
     state = abstract(like, placed)
-    ring = one if resume and shardings is None else placed  # the fingerprint's placement
+    ring = one if committed and shardings is None else placed  # the fingerprint's placement
     fingerprint = lambda: checkpoint.precompile_fingerprint(state, ring)  # noqa: E731
     if resume:
         ahead.submit("fingerprint", fingerprint)
@@ -145,7 +147,7 @@ def warm_fit(
     ahead.submit("train", lowered(train_step, state, _batch(run, run.tc.batch_size)))
     if run.tc.sample_tokens:
         # A mesh samples on one device (`parallel.to_local`), as a resumed run does.
-        local = None if shardings is None and not resume else one
+        local = None if shardings is None and not committed else one
         params = abstract(like.params, None if local is None else _same(like.params, local))
         ids = tokenizer.encode(run.sample_prompt())
         n = run.tc.sample_tokens

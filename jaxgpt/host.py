@@ -1,11 +1,21 @@
-"""Process-wide settings a command line makes before its first JAX computation: the
-persistent compilation cache and how glibc's malloc keeps freed host memory."""
+"""Process-wide settings a command line makes before its first JAX computation: where the
+user cache lives, the persistent compilation cache and how glibc's malloc keeps freed host
+memory."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import jax
+
+def cache_dir(given: str | os.PathLike | None = None) -> Path:
+    """`given` (with ~ expanded), else the user cache: `$XDG_CACHE_HOME/jaxgpt`, or
+    `~/.cache/jaxgpt` where XDG_CACHE_HOME is unset or empty (the XDG base directory rule)."""
+    if given is not None:
+        return Path(given).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    root = Path(xdg) if xdg and Path(xdg).is_absolute() else Path("~/.cache").expanduser()
+    return root / "jaxgpt"
 
 
 def enable_compile_cache(cache_dir: str | Path) -> Path:
@@ -14,6 +24,8 @@ def enable_compile_cache(cache_dir: str | Path) -> Path:
     Call it before the first compilation of the process: JAX decides once whether to use
     the cache. Every program is cached, however quick its compile.
     """
+    import jax
+
     path = Path(cache_dir).expanduser() / "xla"
     path.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))

@@ -7,6 +7,7 @@ Nothing here touches files or the console; `jaxgpt.train.fit` drives these steps
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import jax
@@ -16,6 +17,7 @@ from flax import struct
 
 from jaxgpt import parallel
 from jaxgpt.config import GPTConfig
+from jaxgpt.freeze import Trainable
 from jaxgpt.losses import head_cross_entropy
 from jaxgpt.model import GPT, Params, head_matrix, init_params, precision
 from jaxgpt.optim import apply_gradients, learning_rate
@@ -34,13 +36,21 @@ class TrainState:
 
 
 def init_train_state(
-    config: GPTConfig, tx: optax.GradientTransformation, key: jax.Array
+    config: GPTConfig,
+    tx: optax.GradientTransformation,
+    key: jax.Array,
+    *,
+    params: Params | None = None,
+    trainable: Trainable | None = None,
 ) -> TrainState:
-    """Fresh params from `key` (split into init and dropout keys) and optimizer state."""
+    """Step 0: fresh params from `key` (split into init and dropout keys), or the given
+    `params` (a fine-tune), and a fresh optimizer state over the `trainable` view (all params
+    when None)."""
     init_key, dropout_key = jax.random.split(key)
-    params = init_params(config, init_key)
+    params = init_params(config, init_key) if params is None else params
+    view = params if trainable is None else trainable.view(params)
     # One program for the optimizer's zeros, not one per leaf shape (when not traced already).
-    opt_state = tx.init(params) if isinstance(key, jax.core.Tracer) else jax.jit(tx.init)(params)
+    opt_state = tx.init(view) if isinstance(key, jax.core.Tracer) else jax.jit(tx.init)(view)
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, key=dropout_key
     )
@@ -108,6 +118,7 @@ def make_train_step(
     grad_accum: int = 1,
     *,
     shardings: tuple[Any, Any] | None = None,
+    trainable: Trainable | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """A jitted pure `train_step(state, batch) -> (state, metrics)`; `state` is donated.
 
@@ -115,6 +126,8 @@ def make_train_step(
     `grad_accum` > 1 averages the gradients of that many micro-batches (`loss_and_grads`).
     `shardings`: (state shardings, batch sharding) from `jaxgpt.parallel`; the compiled step
     then takes and returns the state with exactly those shardings (metrics replicated).
+    `trainable`: only its view is differentiated and updated (the state's optimizer state is
+    over the view); frozen params leave the step as they came in.
     The loss goes to optimizers that take extra args (`optim.skip_nonfinite` checks it).
     """
     gather = _fsdp_gather(shardings)
@@ -122,12 +135,16 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         dropout_key = jax.random.fold_in(state.key, state.step)
+        if trainable is None:
+            view, merge = state.params, lambda v: v
+        else:  # frozen params enter the loss as constants: no gradient is taken for them
+            view, merge = trainable.view(state.params), partial(trainable.merge, state.params)
         loss, grads = loss_and_grads(
-            config, state.params, batch, dropout_key, grad_accum, gather=gather
+            config, view, batch, dropout_key, grad_accum, gather=lambda v: gather(merge(v))
         )
         kw = {"loss": loss} if extra_args else {}
-        params, opt_state = apply_gradients(tx, grads, state.opt_state, state.params, **kw)
-        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        view, opt_state = apply_gradients(tx, grads, state.opt_state, view, **kw)
+        new = state.replace(step=state.step + 1, params=merge(view), opt_state=opt_state)
         return new, {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": _lr(opt_state)}
 
     if shardings is not None:
