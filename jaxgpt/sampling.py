@@ -401,8 +401,8 @@ def generate(
     if max_new_tokens == 0:
         return prompts
     params, args, key, plan = _call(
-        params, config, prompts, max_new_tokens, temperature, top_k, top_p, eos_id,
-        num_beams, length_penalty, key,
+        params, config, prompts, max_new_tokens, key, temperature=temperature, top_k=top_k,
+        top_p=top_p, eos_id=eos_id, num_beams=num_beams, length_penalty=length_penalty,
     )  # fmt: skip
     out_tokens, out_lens = jax.device_get(_generate_padded(params, *args, key, plan=plan))
     ctx = plan.config.context_length
@@ -418,22 +418,15 @@ def _call(
     config: GPTConfig,
     prompts: list[list[int]],
     max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    eos_id: int | None,
-    num_beams: int,
-    length_penalty: float,
     key: jax.Array | None,
+    **options: Any,
 ) -> tuple[Params, tuple[jax.Array, jax.Array, Dyn], jax.Array, Plan]:
     """The arguments of `_generate_padded` for one checked `generate` call: (params, (tokens,
-    lens, dyn), key, plan). `params` may be ShapeDtypeStructs (their layers keep the sharding)."""
+    lens, dyn), key, plan); `options`: the call's temperature ... length_penalty (`_pack`'s).
+    `params` may be ShapeDtypeStructs (their layers keep the sharding)."""
     params = unstack_blocks(params, take=_layer)  # the KV cache runs on unrolled layers
     config = config.replace(scan_layers=False)
-    args, plan = _pack(
-        config, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, num_beams,
-        length_penalty,
-    )  # fmt: skip
+    args, plan = _pack(config, prompts, max_new_tokens, **options)
     return params, args, jax.random.key(0) if key is None else key, plan  # key unused if greedy
 
 
@@ -448,10 +441,11 @@ def precompile(
     max_new_tokens, **options)` runs. `params` may be ShapeDtypeStructs; give each the
     sharding the real call's params will have (none: not committed to a device)."""
     kw = {"temperature": 0.0, "top_k": None, "top_p": None, "eos_id": None, "num_beams": 1,
-          "length_penalty": 1.0, "key": None, **options}  # fmt: skip
-    check_generate_args(config, prompts, max_new_tokens, **kw)
+          "length_penalty": 1.0, **options}  # fmt: skip
+    key = kw.pop("key", None)
+    check_generate_args(config, prompts, max_new_tokens, key=key, **kw)
     prompts = [[int(t) for t in p] for p in prompts]
-    params, args, key, plan = _call(params, config, prompts, max_new_tokens, **kw)
+    params, args, key, plan = _call(params, config, prompts, max_new_tokens, key, **kw)
     _generate_padded.lower(params, *args, key, plan=plan).compile()
 
 
