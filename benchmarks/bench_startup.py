@@ -5,9 +5,16 @@ main's) on the runs the issue names, each in a fresh process with an empty compi
 (first run) and again with that cache warm (second run), alternating the trees so machine load
 hits both alike. Records each run's own `Wall time:` phase line, the compilation it reports
 (all of it, and how much overlapped other work), its process wall time (start-up = process
-wall - the phases), and compile seconds in steady steps (train phase / steps).
+wall - the phases), and compile seconds in steady steps (train phase / steps). Right after
+the first (empty-cache) 29M runs, the book's own PyTorch loop for the same model runs
+(`book_curve.py --config 29m`'s, in its own process), for the wall-time ratio.
 
-    python benchmarks/bench_startup.py --before /work/main        # before/after, ~10 min
+The issue's two bars, from one invocation of this tree with empty caches: book-124m's
+compile seconds over its steady step seconds (at most 4), and the 29M loop's wall time,
+start-up and compilation included, against the book's PyTorch code (at least 2x).
+
+    python benchmarks/bench_startup.py                            # the bars, ~5 min on 2 cores
+    python benchmarks/bench_startup.py --before /work/main        # before/after, ~12 min
     python benchmarks/bench_startup.py --runs book-124m --no-ahead  # + --no-compile-ahead
 """
 
@@ -38,6 +45,7 @@ RUNS = {
     "book-29m": ["--model", "book-124m", "--emb-dim", "256", "--n-layers", "4", "--n-heads", "4",
                  *BOOK, "--epochs", "5"],
 }  # fmt: skip
+TORCH_RUN = "book-29m"  # the run the book's PyTorch code is timed against
 
 
 def parse_wall(stdout: str) -> dict[str, Any]:
@@ -88,7 +96,21 @@ def measure(runs: list[str], trees: dict[str, Path], no_ahead: bool) -> dict[str
                     res = run_train(tree, RUNS[name], cache, extra)
                     results.setdefault(name, {}).setdefault(label, {})[cache_state] = res
                     _show(name, label, cache_state, res)
+                if name == TORCH_RUN and cache_state == "first run":
+                    results[TORCH_RUN]["torch (book)"] = {"first run": run_book_torch()}
     return results
+
+
+def run_book_torch() -> dict[str, Any]:
+    """The book's PyTorch loop for the 29M model in its own process (start-up counted)."""
+    from book_curve import torch_process
+
+    r = torch_process(str(VERDICT), "29m")
+    res = {"wall_s": round(r["process_wall_s"], 2), "times": r["times"], "loadavg": os.getloadavg()}
+    res["losses"] = [(f"{e['train']:.3f}", f"{e['val']:.3f}") for e in r["evals"]]
+    print(f"{TORCH_RUN} | torch (book) | wall {res['wall_s']:.1f} s; load "
+          f"{res['loadavg'][0]:.1f}", flush=True)  # fmt: skip
+    return res
 
 
 def _show(name: str, label: str, cache_state: str, r: dict[str, Any]) -> None:
@@ -110,6 +132,7 @@ def summarize(results: dict[str, Any]) -> None:
     tree before the PhaseTimer fix counted part of each step outside its train phase)."""
     for name, by_label in results.items():
         ref = statistics.median(r["step_s"] for r in by_label["after"].values())
+        torch = by_label.pop("torch (book)", None)
         losses = {label: r["first run"]["losses"] for label, r in by_label.items()}
         for label, runs in by_label.items():
             for cache_state, r in runs.items():
@@ -120,6 +143,26 @@ def summarize(results: dict[str, Any]) -> None:
         same = len({json.dumps(v) for v in losses.values()}) == 1
         by_label["same_losses"] = same
         print(f"{name}: the same printed losses in every variant: {same}")
+        if torch is not None:
+            for runs in by_label.values():
+                if isinstance(runs, dict):  # each tree's first run against the book's
+                    first = runs["first run"]
+                    first["vs_torch"] = torch["first run"]["wall_s"] / first["wall_s"]
+            by_label["torch (book)"] = torch
+    _bars(results)
+
+
+def _bars(results: dict[str, Any]) -> None:
+    """The issue's two bars, for this tree's first (empty-cache) runs."""
+    if "book-124m" in results:
+        r = results["book-124m"]["after"]["first run"]
+        print(f"BAR book-124m 2x256, empty cache: compile {r['times']['compile']:.1f} s = "
+              f"{r['compile_in_steps']:.2f} steady steps (bar: at most 4)")  # fmt: skip
+    if TORCH_RUN in results and "torch (book)" in results[TORCH_RUN]:
+        r = results[TORCH_RUN]["after"]["first run"]
+        torch = results[TORCH_RUN]["torch (book)"]["first run"]
+        print(f"BAR 29M book loop, empty cache: jaxgpt {r['wall_s']:.1f} s, the book's PyTorch "
+              f"{torch['wall_s']:.1f} s: {r['vs_torch']:.2f}x (bar: at least 2x)")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
 def _commit(tree: Path) -> str:
     done = subprocess.run(["git", "-C", str(tree), "log", "-1", "--format=%h %s"],
                           capture_output=True, text=True)  # fmt: skip
-    return done.stdout.strip()
+    return done.stdout.strip() or f"{tree} (not a git checkout)"
 
 
 if __name__ == "__main__":

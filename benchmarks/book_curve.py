@@ -147,16 +147,19 @@ def run_script(data: str, epochs: int, seed: int, cache_dir: str, changes: dict)
     return {**res, "compilation": phases.get("compilation")}
 
 
-def _child(side: str, args: argparse.Namespace, text: str) -> dict:
-    """Run one side in a fresh interpreter (so its start-up and imports count)."""
+def torch_process(data: str, config: str, epochs: int | None = None, seed: int = 123) -> dict:
+    """The book's PyTorch loop (`run_torch`) in a fresh interpreter, so its start-up and
+    imports count: its result with `process_wall_s` (the whole process) and `times["startup"]`."""
+    epochs = epochs or CONFIGS[config][1]
     t = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, __file__, "--data", args.data, "--epochs", str(args.epochs),
-         "--seed", str(args.seed), "--config", args.config, "--child", side],
+        [sys.executable, __file__, "--data", data, "--epochs", str(epochs),
+         "--seed", str(seed), "--config", config, "--child", "torch"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     res = json.loads(done.stdout.splitlines()[-1])
     res["process_wall_s"] = time.perf_counter() - t
+    res["times"]["startup"] = res["process_wall_s"] - sum(res["times"].values())
     return res
 
 
@@ -188,9 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                  "settings": {**BOOK, "epochs": args.epochs, "eval_iter": EVAL_ITER,
                               "seed": args.seed}, "loadavg_start": os.getloadavg()}  # fmt: skip
     if args.only in (None, "torch"):
-        res["torch_book"] = _child("torch", args, text)
-        tb = res["torch_book"]
-        tb["times"]["startup"] = tb["process_wall_s"] - sum(tb["times"].values())
+        res["torch_book"] = torch_process(args.data, args.config, args.epochs, args.seed)
         _show("torch (book)", res["torch_book"])
     if args.only in (None, "jaxgpt"):
         with tempfile.TemporaryDirectory() as cache:
