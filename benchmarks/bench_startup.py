@@ -13,8 +13,9 @@ The issue's two bars, from one invocation of this tree with empty caches: book-1
 compile seconds over its steady step seconds (at most 4), and the 29M loop's wall time,
 start-up and compilation included, against the book's PyTorch code (at least 2x).
 
-    python benchmarks/bench_startup.py                            # the bars, ~5 min on 2 cores
-    python benchmarks/bench_startup.py --before /work/main        # before/after, ~12 min
+    python benchmarks/bench_startup.py                            # the bars (this tree only)
+    python benchmarks/bench_startup.py --before /tmp/before       # before/after, ~15 min
+      (/tmp/before: a checkout before issue 19, e.g. `git worktree add /tmp/before 5a78030`)
     python benchmarks/bench_startup.py --runs book-124m --no-ahead  # + --no-compile-ahead
 """
 
