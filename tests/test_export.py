@@ -85,8 +85,9 @@ def test_decode_and_beam_lower_for_gpu_and_tpu(name: str) -> None:
     beam = (12, 0.0, None, None, 3, 2, 1.0, None)
     for n, temp, top_k, top_p, eos, beams, lp, key in (greedy, sample, beam):
         params, args, key, plan = sampling._call(
-            state.params, cfg, prompts, n, temp, top_k, top_p, eos, beams, lp, key
-        )
+            state.params, cfg, prompts, n, key, temperature=temp, top_k=top_k, top_p=top_p,
+            eos_id=eos, num_beams=beams, length_penalty=lp,
+        )  # fmt: skip
         assert plan.overflow
         out = _export(sampling._generate_padded, params, *args, key, plan=plan)
         assert out.out_avals[0].shape == (plan.batch, plan.buf_len)
