@@ -136,9 +136,9 @@ def fit(
     `checkpoint_every` steps, at the end, and on Ctrl-C) and `plots/`; the same rows go to
     TensorBoard and W&B when `tc.tensorboard` / `tc.wandb` ask (`jaxgpt.tracking`). `on_event(name,
     payload)` receives "start", "untrained", "eval", "sample", "checkpoint", "done" (with
-    "times": wall seconds per phase, "compile" the compilation the run waited for, and
-    "compile": all compilation, how much of it overlapped other work, seconds per program);
-    the default logs them.
+    "times": wall seconds per phase, whose "compile" is the compilation the run waited for,
+    and "compile": all compilation, how much of it overlapped other work, seconds per
+    program); the default logs them.
 
     `tc.init_from` starts from pretrained weights (read here unless `source`, from
     `jaxgpt.finetune.load_source`, holds them; `config` must fit them: see
