@@ -6,12 +6,10 @@ resume that switches it."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -36,39 +34,19 @@ def corpus(tmp_path_factory: pytest.TempPathFactory, verdict_text: str) -> Path:
     return path
 
 
-class _Compiles(logging.Handler):
-    """(thread name, program) of every XLA compilation JAX logs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[tuple[str, str]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if message.startswith("Finished XLA compilation of "):
-            program = message.split(" of ", 1)[1].split(" in ")[0]
-            self.seen.append((threading.current_thread().name, program))
-
-
-def test_programs_compile_once_off_the_main_thread(tmp_path: Path, corpus: Path, tiny_config):
+def test_programs_compile_once_off_the_main_thread(
+    tmp_path: Path, corpus: Path, tiny_config, compiles
+):
     # In-process fit on the suite's 2 CPU devices (a data=2 mesh): the train and eval steps,
     # the sampler and the fingerprint compile once each, in a worker, never on the main thread.
     tc = TrainConfig(
         data=str(corpus), out=str(tmp_path / "run"), max_steps=3, batch_size=4, eval_freq=2,
         eval_iter=2, sample_tokens=3, checkpoint_every=2, compile_cache=False,
     )  # fmt: skip
-    seen = _Compiles()
-    logger = logging.getLogger("jax")
-    logger.addHandler(seen)
-    jax.config.update("jax_log_compiles", True)  # process-wide: the context form is per thread
-    try:
-        result = fit(tiny_config, tc, progress=False, on_event=lambda *a: None)
-    finally:
-        jax.config.update("jax_log_compiles", False)
-        logger.removeHandler(seen)
-    counts = Counter(seen.seen)
+    result = fit(tiny_config, tc, progress=False, on_event=lambda *a: None)
+    counts = Counter(compiles)
     for program in ("jit(train_step)", "jit(_generate_padded)", "jit(_all_leaf_sums)"):
-        where = {t for t, p in seen.seen if p == program}
+        where = {t for t, p in compiles if p == program}
         assert len(where) == 1 and not where & {"MainThread"}, (program, where)
         assert sum(n for (t, p), n in counts.items() if p == program) == 1, program
     report = result.compile
