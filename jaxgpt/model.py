@@ -14,11 +14,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxgpt.config import GPTConfig
 
 Params = Any  # nested dict of arrays, as returned by GPT(cfg).init(...)["params"]
 Cache = list[dict[str, jax.Array]]  # per layer {"k", "v"}: (batch, heads, cache, head_dim)
+GATHERED = "fsdp_gathered"  # checkpoint name of a block's gathered parameters (FSDP)
 
 _PRECISION = {
     "default": jax.lax.Precision.DEFAULT,
@@ -229,6 +231,7 @@ class TransformerBlock(nn.Module):
     """
 
     config: GPTConfig
+    fsdp: Any = None  # `jaxgpt.parallel.FSDP` on a mesh with an fsdp axis; None: one device
 
     def setup(self) -> None:
         cfg = self.config
@@ -248,32 +251,45 @@ class TransformerBlock(nn.Module):
         key: jax.Array | None = None,  # this layer's dropout key; None when deterministic
     ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         k_att, k_res1, k_res2 = (None,) * 3 if key is None else jax.random.split(key, 3)
+        x = x if self.fsdp is None else self.fsdp.batch(x)
         a, kv = self.att(self.norm1(x), positions, kv, deterministic, k_att)
         x = x + self.drop_resid(a, deterministic=deterministic, rng=k_res1)
         x = x + self.drop_resid(self.ff(self.norm2(x)), deterministic=deterministic, rng=k_res2)
-        return x, kv
+        return (x if self.fsdp is None else self.fsdp.batch(x)), kv
 
 
-def _block_class(cfg: GPTConfig) -> type[TransformerBlock]:
-    """TransformerBlock, wrapped in nn.remat with the config's policy when asked."""
-    if cfg.remat == "none":
-        return TransformerBlock
+def _block_class(cfg: GPTConfig, fsdp: Any) -> type[TransformerBlock]:
+    """TransformerBlock, with its parameters gathered on entry under FSDP, wrapped in nn.remat
+    with the config's policy when asked (and under FSDP always: see below)."""
+    block = TransformerBlock
+    if fsdp is not None:
+        # The block's (per-layer) params are gathered when it runs. Named, so no remat policy
+        # keeps them for the backward pass: it gathers them again (as PyTorch FSDP does),
+        # instead of every layer's whole parameters living from the forward to the backward.
+        def gather(params: Params) -> Params:
+            return jax.tree.map(lambda a: checkpoint_name(a, GATHERED), fsdp.gather(params))
+
+        block = nn.map_variables(block, "params", trans_in_fn=gather)
+    if cfg.remat == "none" and fsdp is None:
+        return block
     policies = jax.checkpoint_policies
-    if cfg.remat == "block":
-        policy = policies.nothing_saveable
-    else:
-        policy = policies.dots_with_no_batch_dims_saveable
+    policy = {
+        "none": policies.save_anything_except_these_names(GATHERED),
+        "block": policies.nothing_saveable,
+        "dots": policies.dots_with_no_batch_dims_saveable,
+    }[cfg.remat]
     # static_argnums counts `self` as 0: `deterministic` (argument 4) is a Python bool.
     # Inside nn.scan the loop already keeps XLA from merging the recomputation away.
-    return nn.remat(
-        TransformerBlock, static_argnums=(4,), policy=policy, prevent_cse=not cfg.scan_layers
-    )
+    return nn.remat(block, static_argnums=(4,), policy=policy, prevent_cse=not cfg.scan_layers)
 
 
 class GPT(nn.Module):
     """GPT-2 language model returning logits (batch, seq, vocab_size)."""
 
     config: GPTConfig
+    # `jaxgpt.parallel.FSDP` when training on a mesh with an fsdp axis: the blocks gather
+    # their sharded parameters one at a time. None (the default): plain arrays.
+    fsdp: Any = None
 
     def setup(self) -> None:
         cfg = self.config
@@ -285,7 +301,7 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embed(cfg.padded_vocab, cfg.emb_dim, **embed)
         self.pos_emb = nn.Embed(cfg.context_length, cfg.emb_dim, **embed)
         self.drop_emb = nn.Dropout(cfg.drop_rate)
-        block = _block_class(cfg)
+        block = _block_class(cfg, self.fsdp)
         if cfg.scan_layers:
             # One block body scanned over a leading layer axis of every block param.
             # Broadcast: positions, kv (None), deterministic; scanned: the layers' dropout keys.
@@ -295,9 +311,9 @@ class GPT(nn.Module):
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
                 length=cfg.n_layers,
-            )(cfg)
+            )(cfg, self.fsdp)
         else:
-            self.trf_blocks = [block(cfg) for _ in range(cfg.n_layers)]
+            self.trf_blocks = [block(cfg, self.fsdp) for _ in range(cfg.n_layers)]
         self.final_norm = LayerNorm(param_dtype=pdt)
         if not cfg.tie_embeddings:
             self.out_head = _dense(cfg, cfg.emb_dim, cfg.padded_vocab, use_bias=False)

@@ -8,6 +8,8 @@ shards parameters and optimizer state along their largest divisible dimension.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -28,6 +30,7 @@ MIN_SHARD_SIZE = 2**10
 # Seconds without a heartbeat before JAX's coordination service declares a process dead
 # (JAX's own default; TrainConfig.heartbeat_timeout, `--heartbeat-timeout`, changes it).
 HEARTBEAT_TIMEOUT = 100
+STACKED = "trf_blocks"  # the scanned blocks' params: every leaf (layers, ...)
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
@@ -86,11 +89,18 @@ def batch_ways(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def leaf_spec(shape: tuple[int, ...], fsdp: int, min_size: int = MIN_SHARD_SIZE) -> P:
+def leaf_spec(
+    shape: tuple[int, ...], fsdp: int, min_size: int = MIN_SHARD_SIZE, *, stacked: bool = False
+) -> P:
     """FSDP spec of one leaf: `fsdp` on its largest dimension divisible by the axis size.
 
-    Replicated when `fsdp == 1`, the leaf is small, or no dimension divides.
+    Replicated when `fsdp == 1`, the leaf is small, or no dimension divides. A `stacked` leaf
+    (scanned layers, (layers, ...)) never shards its layer axis: each layer gets the spec of
+    the unrolled leaf, so the scan body gathers one layer at a time.
     """
+    if stacked:
+        layer = leaf_spec(shape[1:], fsdp, min_size)
+        return P(None, *layer) if layer != P() else P()
     if fsdp == 1 or math.prod(shape) < min_size:
         return P()
     dims = [d for d in np.argsort(shape, kind="stable")[::-1] if shape[d] % fsdp == 0]
@@ -101,15 +111,24 @@ def leaf_spec(shape: tuple[int, ...], fsdp: int, min_size: int = MIN_SHARD_SIZE)
     return P(*spec)
 
 
+def is_stacked(path: tuple[Any, ...]) -> bool:
+    """Whether a key path leads into scanned blocks (`trf_blocks/...`, a leading layer axis)."""
+    return any(getattr(k, "key", None) == STACKED for k in path)
+
+
 def tree_shardings(tree: Any, mesh: Mesh, min_size: int = MIN_SHARD_SIZE) -> Any:
     """NamedShardings for a pytree of arrays or ShapeDtypeStructs (params, optimizer state).
 
-    The rule depends on the shape only, so AdamW's moments shard exactly as their params.
+    The rule depends on the shape (and on being a stacked layer leaf) only, so AdamW's
+    moments shard exactly as their params.
     """
     fsdp = mesh.shape["fsdp"]
-    return jax.tree.map(
-        lambda x: NamedSharding(mesh, leaf_spec(tuple(x.shape), fsdp, min_size)), tree
-    )
+
+    def one(path: tuple[Any, ...], x: Any) -> NamedSharding:
+        spec = leaf_spec(tuple(x.shape), fsdp, min_size, stacked=is_stacked(path))
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -120,6 +139,62 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Batch rows split over `data` x `fsdp`; the sequence dimension whole."""
     return NamedSharding(mesh, P(BATCH_AXES, None))
+
+
+@dataclasses.dataclass(frozen=True)
+class FSDP:
+    """What the model does with its parameters and activations on a mesh with an `fsdp` axis.
+
+    Parameters rest sharded (`leaf_spec`). `gather` brings a subtree whole just before it is
+    used (one block's, inside the scan body or per unrolled block) and, in the backward pass,
+    constrains its gradient back to the shard: XLA emits an all-gather forward and a
+    reduce-scatter backward, per block, so no device ever holds the whole model or its whole
+    gradient. `batch` pins an activation to the batch axes, so XLA:SPMD never mixes batch-
+    and feature-sharded activations (it then falls back to "involuntary full
+    rematerialization" of whole arrays).
+    """
+
+    mesh: Mesh
+    min_size: int = MIN_SHARD_SIZE
+
+    def gather(self, tree: Any) -> Any:
+        """Every leaf of `tree` (unstacked shapes) whole on every device; gradients sharded."""
+        whole = replicated(self.mesh)
+        fsdp = self.mesh.shape["fsdp"]
+
+        def one(x: jax.Array) -> jax.Array:
+            spec = leaf_spec(tuple(x.shape), fsdp, self.min_size)
+            if spec == P():
+                return x  # small or indivisible: replicated at rest already
+            return _gather(x, whole, NamedSharding(self.mesh, spec))
+
+        return jax.tree.map(one, tree)
+
+    def batch(self, x: jax.Array) -> jax.Array:
+        """`x` (batch, ...) with its rows split over the batch axes, the rest whole."""
+        spec = P(BATCH_AXES, *([None] * (x.ndim - 1)))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _gather(x: jax.Array, whole: NamedSharding, shard: NamedSharding) -> jax.Array:
+    """All-gather a sharded leaf; its cotangent leaves reduce-scattered (`FSDP.gather`)."""
+    return jax.lax.with_sharding_constraint(jax.lax.with_sharding_constraint(x, shard), whole)
+
+
+def _gather_fwd(x: jax.Array, whole: NamedSharding, shard: NamedSharding) -> tuple:
+    return _gather(x, whole, shard), None
+
+
+def _gather_bwd(whole: NamedSharding, shard: NamedSharding, _: None, g: jax.Array) -> tuple:
+    # The cotangent is a partial sum per batch shard: summed over the devices, then each keeps
+    # its own shard (all-reduce + slice, which XLA's GPU/TPU pipelines turn into one
+    # reduce-scatter). Summed whole first, so XLA never re-shards the batch-sharded operands
+    # of the gradient (the embedding's scatter-add) onto the parameter's feature dimension.
+    return (jax.lax.with_sharding_constraint(jax.lax.with_sharding_constraint(g, whole), shard),)
+
+
+_gather.defvjp(_gather_fwd, _gather_bwd)
 
 
 def init_sharded(init: Callable[[], Any], shardings: Any) -> Any:

@@ -44,15 +44,27 @@ def init_train_state(
     )
 
 
-def _loss(config: GPTConfig, params: Params, batch: Batch, key: jax.Array | None) -> jax.Array:
+def _loss(
+    config: GPTConfig,
+    params: Params,
+    batch: Batch,
+    key: jax.Array | None,
+    fsdp: parallel.FSDP | None = None,
+) -> jax.Array:
     """Mean cross-entropy of a batch; dropout on when `key` is given (the book's calc_loss_batch).
 
     The head is fused into the loss (`head_cross_entropy`): same value as
     `cross_entropy(GPT.apply(...), y)` to float rounding, without the logits' extra copies.
+    Under `fsdp` the blocks gather their own parameters one at a time; the rest (embeddings,
+    final norm, head) is gathered here, once (the tied embedding serves lookup and head).
     """
     x, y = batch  # (batch, seq) each
+    if fsdp is not None:
+        params = {
+            k: v if k.startswith(parallel.STACKED) else fsdp.gather(v) for k, v in params.items()
+        }
     rngs = None if key is None else {"dropout": key}
-    hidden = GPT(config).apply(
+    hidden = GPT(config, fsdp).apply(
         {"params": params}, x, key is None, rngs=rngs, method=GPT.hidden
     )  # (batch, seq, emb)
     b, s, e = hidden.shape
@@ -73,7 +85,7 @@ def loss_and_grads(
     key: jax.Array,
     grad_accum: int = 1,
     *,
-    gather: Callable[[Params], Params] | None = None,
+    fsdp: parallel.FSDP | None = None,
 ) -> tuple[jax.Array, Params]:
     """Mean token loss of `batch` and its gradient, over `grad_accum` micro-batches.
 
@@ -81,16 +93,15 @@ def loss_and_grads(
     rows; a `lax.scan` sums their losses and gradients and divides by grad_accum. Every
     micro-batch has the same number of tokens, so this is the full batch's mean. Micro-batch i
     draws dropout from fold_in(key, i); grad_accum=1 uses `key` itself (the plain step).
-    `gather` maps the parameters before use (FSDP: gather the shards; default identity).
+    `fsdp`: parameters sharded at rest, gathered where used (`parallel.FSDP`).
     """
-    gather = gather or (lambda p: p)
     if grad_accum == 1:
-        return jax.value_and_grad(lambda p: _loss(config, gather(p), batch, key))(params)
+        return jax.value_and_grad(lambda p: _loss(config, p, batch, key, fsdp))(params)
 
     def micro(carry: tuple, xs: tuple) -> tuple[tuple, None]:
         i, mb = xs  # mb: (batch / grad_accum, seq) inputs and targets
         k = jax.random.fold_in(key, i)
-        loss, grads = jax.value_and_grad(lambda p: _loss(config, gather(p), mb, k))(params)
+        loss, grads = jax.value_and_grad(lambda p: _loss(config, p, mb, k, fsdp))(params)
         return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
     split = lambda a: a.reshape(grad_accum, a.shape[0] // grad_accum, *a.shape[1:])  # noqa: E731
@@ -115,13 +126,13 @@ def make_train_step(
     then takes and returns the state with exactly those shardings (metrics replicated).
     The loss goes to optimizers that take extra args (`optim.skip_nonfinite` checks it).
     """
-    gather = _fsdp_gather(shardings)
+    fsdp = _fsdp(shardings)
     extra_args = isinstance(tx, optax.GradientTransformationExtraArgs)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         dropout_key = jax.random.fold_in(state.key, state.step)
         loss, grads = loss_and_grads(
-            config, state.params, batch, dropout_key, grad_accum, gather=gather
+            config, state.params, batch, dropout_key, grad_accum, fsdp=fsdp
         )
         kw = {"loss": loss} if extra_args else {}
         params, opt_state = apply_gradients(tx, grads, state.opt_state, state.params, **kw)
@@ -150,15 +161,12 @@ def mesh_train_step(
     return parallel.init_sharded(init, shardings), step, lambda b: parallel.put_batch(b, m)
 
 
-def _fsdp_gather(shardings: tuple[Any, Any] | None) -> Callable[[Params], Params]:
-    """FSDP: parameters sharded at rest are gathered for the forward and backward pass (XLA
-    emits all-gathers, and reduce-scatters for their gradients); identity when unsharded.
-    Without it XLA:SPMD mixes batch- and feature-sharded activations and falls back to
-    "involuntary full rematerialization" (measured: 2.4x the compile time on 8 CPU devices)."""
-    if shardings is None:
-        return lambda p: p
-    whole = parallel.replicated(shardings[1].mesh)
-    return lambda p: jax.lax.with_sharding_constraint(p, jax.tree.map(lambda _: whole, p))
+def _fsdp(shardings: tuple[Any, Any] | None) -> parallel.FSDP | None:
+    """FSDP hooks when the mesh has an fsdp axis (parameters sharded at rest); else None:
+    on one device or a `data` mesh every device holds the parameters whole already."""
+    if shardings is None or shardings[1].mesh.shape["fsdp"] == 1:
+        return None
+    return parallel.FSDP(shardings[1].mesh)
 
 
 def _lr(opt_state: optax.OptState) -> jax.Array:
