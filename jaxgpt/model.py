@@ -314,7 +314,10 @@ class GPT(nn.Module):
             )(cfg, self.fsdp)
         else:
             self.trf_blocks = [block(cfg, self.fsdp) for _ in range(cfg.n_layers)]
-        self.final_norm = LayerNorm(param_dtype=pdt)
+        norm = LayerNorm
+        if self.fsdp is not None:
+            norm = nn.map_variables(LayerNorm, "params", trans_in_fn=self.fsdp.gather)
+        self.final_norm = norm(param_dtype=pdt)
         if not cfg.tie_embeddings:
             self.out_head = _dense(cfg, cfg.emb_dim, cfg.padded_vocab, use_bias=False)
 
@@ -370,7 +373,7 @@ class GPT(nn.Module):
     def _forward(
         self, ids: jax.Array, positions: jax.Array, cache: Cache | None, deterministic: bool
     ) -> tuple[jax.Array, Cache | None]:
-        x = self.tok_emb(ids) + self.pos_emb(positions)  # (batch, seq, emb)
+        x = self._embed(self.tok_emb, ids) + self._embed(self.pos_emb, positions)  # (b, s, emb)
         x = self.drop_emb(x, deterministic=deterministic)
         n = self.config.n_layers
         # One dropout key per layer, the same in both layouts: (layers,) typed keys.
@@ -383,6 +386,12 @@ class GPT(nn.Module):
             x, kv = block(x, positions, kv, deterministic, None if keys is None else keys[i])
             new_cache.append(kv)
         return self.final_norm(x), (None if cache is None else new_cache)
+
+    def _embed(self, table: nn.Embed, ids: jax.Array) -> jax.Array:
+        """table(ids); under FSDP each device looks up its own shard (`parallel.FSDP.embed`)."""
+        if self.fsdp is None:
+            return table(ids)
+        return self.fsdp.embed(table.embedding.astype(table.dtype), ids)
 
     def _head(self, x: jax.Array) -> jax.Array:
         """(batch, seq, emb) -> logits (batch, seq, vocab), one 2-D matmul over the tokens.

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -73,14 +74,21 @@ def make_mesh(spec: str | None, devices: list[Any] | None = None) -> Mesh:
     return jax.make_mesh(shape, AXES, (AxisType.Auto,) * len(AXES), devices=devices[:n])
 
 
-def batch_size_check(mesh: Mesh, batch_size: int) -> None:
-    """Raise when the global batch does not split evenly over the batch axes."""
+def batch_size_check(mesh: Mesh, batch_size: int, grad_accum: int = 1) -> None:
+    """Raise when the global batch (or each of its `grad_accum` micro-batches) does not split
+    evenly over the batch axes."""
     ways = batch_ways(mesh)
     if batch_size % ways:
         raise ValueError(
             f"batch_size={batch_size} does not split over {ways} devices (mesh "
             f"{dict(mesh.shape)}); use a batch size that is a multiple of {ways} or a "
             "smaller --mesh (e.g. --mesh data=1)"
+        )
+    if (batch_size // grad_accum) % ways:
+        raise ValueError(
+            f"batch_size={batch_size} / grad_accum={grad_accum} = {batch_size // grad_accum} "
+            f"rows per micro-batch do not split over {ways} devices (mesh {dict(mesh.shape)}); "
+            f"use a batch size that is a multiple of {ways * grad_accum} or a smaller --grad-accum"
         )
 
 
@@ -170,10 +178,50 @@ class FSDP:
 
         return jax.tree.map(one, tree)
 
-    def batch(self, x: jax.Array) -> jax.Array:
-        """`x` (batch, ...) with its rows split over the batch axes, the rest whole."""
-        spec = P(BATCH_AXES, *([None] * (x.ndim - 1)))
-        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+    def embed(self, table: jax.Array, ids: jax.Array) -> jax.Array:
+        """Rows `ids` (batch, seq) of a sharded `table` (vocab, emb) -> (batch, seq, emb), rows
+        split over the batch axes, without gathering the table (nor, backward, summing a
+        whole-table gradient): each device looks its ids up in its own shard."""
+        spec = leaf_spec(tuple(table.shape), self.mesh.shape["fsdp"], self.min_size)
+        if spec == P():
+            return self.batch(jnp.take(table, ids, axis=0))
+        body = _rows_of_emb_shard if spec == P(None, "fsdp") else _rows_of_vocab_shard
+        batch = P(BATCH_AXES)
+        return jax.shard_map(body, mesh=self.mesh, in_specs=(spec, batch), out_specs=batch)(
+            table, ids
+        )
+
+    def batch(self, x: jax.Array, axis: int = 0) -> jax.Array:
+        """`x` with its dimension `axis` (the rows) split over the batch axes, the rest whole."""
+        spec = [None] * x.ndim
+        spec[axis] = BATCH_AXES
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(*spec)))
+
+
+def _rows_of_emb_shard(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """shard_map body: table (vocab, emb/f), ids (rows, seq) -> (rows, seq, emb).
+
+    Every id of the fsdp group is looked up in this device's columns, then an all-to-all
+    trades columns for rows (the fsdp group's rows are gathered in the order they are split).
+    """
+    group_ids = jax.lax.all_gather(ids, "fsdp", axis=0, tiled=True)  # (f rows, seq)
+    cols = jnp.take(table, group_ids, axis=0)  # (f rows, seq, emb/f)
+    return jax.lax.all_to_all(cols, "fsdp", split_axis=0, concat_axis=2, tiled=True)
+
+
+def _rows_of_vocab_shard(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """shard_map body: table (vocab/f, emb), ids (rows, seq) -> (rows, seq, emb).
+
+    Every id of the fsdp group is looked up where this device holds its row (zeros
+    elsewhere); summing over the group (reduce-scatter) adds one row to zeros: exact.
+    """
+    group_ids = jax.lax.all_gather(ids, "fsdp", axis=0, tiled=True)  # (f rows, seq)
+    n = table.shape[0]
+    local = group_ids - jax.lax.axis_index("fsdp") * n
+    mine = (local >= 0) & (local < n)  # (f rows, seq)
+    rows = jnp.take(table, jnp.clip(local, 0, n - 1), axis=0)  # (f rows, seq, emb)
+    rows = jnp.where(mine[..., None], rows, jnp.zeros((), rows.dtype))
+    return jax.lax.psum_scatter(rows, "fsdp", scatter_dimension=0, tiled=True)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))

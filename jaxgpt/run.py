@@ -136,7 +136,7 @@ def _mesh(tc: TrainConfig) -> Any:
     if tc.mesh is None and jax.device_count() == 1:
         return None
     mesh = parallel.make_mesh(tc.mesh)
-    parallel.batch_size_check(mesh, tc.batch_size)
+    parallel.batch_size_check(mesh, tc.batch_size, tc.grad_accum)
     return mesh
 
 

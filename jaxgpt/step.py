@@ -59,10 +59,7 @@ def _loss(
     final norm, head) is gathered here, once (the tied embedding serves lookup and head).
     """
     x, y = batch  # (batch, seq) each
-    if fsdp is not None:
-        params = {
-            k: v if k.startswith(parallel.STACKED) else fsdp.gather(v) for k, v in params.items()
-        }
+    head = head_matrix(config, params) if fsdp is None else fsdp.gather(head_matrix(config, params))
     rngs = None if key is None else {"dropout": key}
     hidden = GPT(config, fsdp).apply(
         {"params": params}, x, key is None, rngs=rngs, method=GPT.hidden
@@ -70,7 +67,7 @@ def _loss(
     b, s, e = hidden.shape
     return head_cross_entropy(
         hidden.reshape(b * s, e),
-        head_matrix(config, params),
+        head,
         y.reshape(b * s),
         config.tie_embeddings,
         precision(config),
@@ -104,7 +101,11 @@ def loss_and_grads(
         loss, grads = jax.value_and_grad(lambda p: _loss(config, p, mb, k, fsdp))(params)
         return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
-    split = lambda a: a.reshape(grad_accum, a.shape[0] // grad_accum, *a.shape[1:])  # noqa: E731
+    def split(a: jax.Array) -> jax.Array:  # (batch, seq) -> (grad_accum, batch/grad_accum, seq)
+        micro_batches = a.reshape(grad_accum, a.shape[0] // grad_accum, *a.shape[1:])
+        # On a mesh each micro-batch is spread over every device (a tiny int32 all-to-all).
+        return micro_batches if fsdp is None else fsdp.batch(micro_batches, axis=1)
+
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
     xs = (jnp.arange(grad_accum), jax.tree.map(split, tuple(batch)))
     (loss, grads), _ = jax.lax.scan(micro, zeros, xs)
