@@ -55,15 +55,16 @@ def _loss(
 
     The head is fused into the loss (`head_cross_entropy`): same value as
     `cross_entropy(GPT.apply(...), y)` to float rounding, without the logits' extra copies.
-    Under `fsdp` the blocks gather their own parameters one at a time; the rest (embeddings,
-    final norm, head) is gathered here, once (the tied embedding serves lookup and head).
+    Under `fsdp` the blocks gather their own parameters one at a time, the embeddings are
+    looked up shard by shard, and the head matrix is gathered here, for the loss only.
     """
     x, y = batch  # (batch, seq) each
-    head = head_matrix(config, params) if fsdp is None else fsdp.gather(head_matrix(config, params))
     rngs = None if key is None else {"dropout": key}
     hidden = GPT(config, fsdp).apply(
         {"params": params}, x, key is None, rngs=rngs, method=GPT.hidden
     )  # (batch, seq, emb)
+    head = head_matrix(config, params)
+    head = head if fsdp is None else fsdp.gather(head)  # gathered once, for the loss
     b, s, e = hidden.shape
     return head_cross_entropy(
         hidden.reshape(b * s, e),
