@@ -14,13 +14,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
 from jaxgpt.config import GPTConfig
 
 Params = Any  # nested dict of arrays, as returned by GPT(cfg).init(...)["params"]
 Cache = list[dict[str, jax.Array]]  # per layer {"k", "v"}: (batch, heads, cache, head_dim)
-GATHERED = "fsdp_gathered"  # checkpoint name of a block's gathered parameters (FSDP)
 
 _PRECISION = {
     "default": jax.lax.Precision.DEFAULT,
@@ -260,27 +258,29 @@ class TransformerBlock(nn.Module):
 
 def _block_class(cfg: GPTConfig, fsdp: Any) -> type[TransformerBlock]:
     """TransformerBlock, with its parameters gathered on entry under FSDP, wrapped in nn.remat
-    with the config's policy when asked (and under FSDP always: see below)."""
+    with the config's policy when asked (and under FSDP always: see `_keep_all_but_gathered`)."""
     block = TransformerBlock
     if fsdp is not None:
-        # The block's (per-layer) params are gathered when it runs. Named, so no remat policy
-        # keeps them for the backward pass: it gathers them again (as PyTorch FSDP does),
-        # instead of every layer's whole parameters living from the forward to the backward.
-        def gather(params: Params) -> Params:
-            return jax.tree.map(lambda a: checkpoint_name(a, GATHERED), fsdp.gather(params))
-
-        block = nn.map_variables(block, "params", trans_in_fn=gather)
+        block = nn.map_variables(block, "params", trans_in_fn=fsdp.gather)
     if cfg.remat == "none" and fsdp is None:
         return block
     policies = jax.checkpoint_policies
     policy = {
-        "none": policies.save_anything_except_these_names(GATHERED),
+        "none": _keep_all_but_gathered,
         "block": policies.nothing_saveable,
         "dots": policies.dots_with_no_batch_dims_saveable,
     }[cfg.remat]
     # static_argnums counts `self` as 0: `deterministic` (argument 4) is a Python bool.
     # Inside nn.scan the loop already keeps XLA from merging the recomputation away.
     return nn.remat(block, static_argnums=(4,), policy=policy, prevent_cse=not cfg.scan_layers)
+
+
+def _keep_all_but_gathered(prim: Any, *_: Any, **__: Any) -> bool:
+    """Remat policy of FSDP without remat: keep every activation for the backward pass, but
+    not the block's gathered parameters (sharding constraints' outputs): the backward pass
+    gathers them again, as PyTorch's FSDP does, instead of every layer's whole parameters
+    living from the forward to the backward pass. (`block` and `dots` keep none either.)"""
+    return prim.name != "sharding_constraint"
 
 
 class GPT(nn.Module):

@@ -9,7 +9,6 @@ shards parameters and optimizer state along their largest divisible dimension.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 from collections.abc import Callable
@@ -224,25 +223,13 @@ def _rows_of_vocab_shard(table: jax.Array, ids: jax.Array) -> jax.Array:
     return jax.lax.psum_scatter(rows, "fsdp", scatter_dimension=0, tiled=True)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _gather(x: jax.Array, whole: NamedSharding, shard: NamedSharding) -> jax.Array:
-    """All-gather a sharded leaf; its cotangent leaves reduce-scattered (`FSDP.gather`)."""
+    """All-gather a sharded leaf (`FSDP.gather`). JAX transposes each sharding constraint into
+    the same constraint on the cotangent: the gradient, a partial sum per batch shard, is
+    summed whole across the devices, then each keeps its own shard (all-reduce + slice, which
+    XLA's GPU and TPU pipelines fuse into one reduce-scatter). Summed whole first, so XLA never
+    re-shards batch-sharded operands of a gradient onto the parameter's feature dimension."""
     return jax.lax.with_sharding_constraint(jax.lax.with_sharding_constraint(x, shard), whole)
-
-
-def _gather_fwd(x: jax.Array, whole: NamedSharding, shard: NamedSharding) -> tuple:
-    return _gather(x, whole, shard), None
-
-
-def _gather_bwd(whole: NamedSharding, shard: NamedSharding, _: None, g: jax.Array) -> tuple:
-    # The cotangent is a partial sum per batch shard: summed over the devices, then each keeps
-    # its own shard (all-reduce + slice, which XLA's GPU/TPU pipelines turn into one
-    # reduce-scatter). Summed whole first, so XLA never re-shards the batch-sharded operands
-    # of the gradient (the embedding's scatter-add) onto the parameter's feature dimension.
-    return (jax.lax.with_sharding_constraint(jax.lax.with_sharding_constraint(g, whole), shard),)
-
-
-_gather.defvjp(_gather_fwd, _gather_bwd)
 
 
 def init_sharded(init: Callable[[], Any], shardings: Any) -> Any:
