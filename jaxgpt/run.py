@@ -101,7 +101,7 @@ def prepare(config: GPTConfig, tc: TrainConfig, resume: bool, on_event: EventFn 
     run_dir = Path(tc.out)
     _check_run_dir(run_dir, config, tc, resume)
     parallel.sync("jaxgpt: run folder checked")  # before process 0 writes into it
-    mesh = _mesh(tc)  # a mesh that does not fit fails before the corpus is read or fetched
+    mesh = run_mesh(tc)  # a mesh that does not fit fails before the corpus is read or fetched
     splits = data.load_splits(
         tc.data,
         cache_dir=Path(tc.cache_dir).expanduser(),
@@ -131,7 +131,7 @@ def _quiet(name: str, payload: dict[str, Any]) -> None:
     """Processes other than 0 report nothing."""
 
 
-def _mesh(tc: TrainConfig) -> Any:
+def run_mesh(tc: TrainConfig) -> Any:
     """The run's mesh; None for one device without --mesh (the original, unsharded path)."""
     if tc.mesh is None and jax.device_count() == 1:
         return None

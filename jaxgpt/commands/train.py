@@ -156,8 +156,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in --out from its newest checkpoint, with its saved settings "
         "(flags given here override those that may change, e.g. --epochs)",
     )
+    plan = p.add_argument_group(
+        "planning",
+        "compile the training step for these settings on the devices present and print what "
+        "each device holds; reads no data and writes no run folder (with XLA_FLAGS="
+        "--xla_force_host_platform_device_count=N, plan an N-device --mesh on one machine)",
+    )
+    plan.add_argument("--plan", action="store_true", help="plan instead of training")
+    plan.add_argument(
+        "--plan-memory",
+        type=_memory_size,
+        metavar="SIZE",
+        help="a device's memory, e.g. 80GiB, 16GB, 512MiB: say whether the step fits",
+    )
+    plan.add_argument("--plan-json", metavar="PATH", help="also write the plan as JSON to PATH")
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return p
+
+
+def _memory_size(text: str) -> int:
+    from jaxgpt.plan import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:  # argparse: "argument --plan-memory: <this message>", exit 2
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def configs(
@@ -221,12 +244,29 @@ def _main(argv: list[str] | None) -> int:
         parser.set_defaults(**saved[1].to_dict())
         args = parser.parse_args(argv)
     model, train = configs(args, saved)  # validated here: before any process waits for others
+    if not args.plan and (args.plan_memory or args.plan_json):
+        parser.error("--plan-memory and --plan-json go with --plan; add --plan")
     _init_distributed(args)  # before anything touches a device
     if train.reuse_host_memory:  # before the first computation starts XLA's threads
         reuse_host_memory()
     if train.compile_cache:
         enable_compile_cache(train.cache_dir)
+    if args.plan:
+        return _plan(model, train, args.plan_memory, args.plan_json)
     fit(model, train, resume=args.resume, on_event=_print_event)
+    return 0
+
+
+def _plan(model: GPTConfig, train: TrainConfig, memory: int | None, json_path: str | None) -> int:
+    """`--plan`: print (and maybe write) what each device holds; no data, no run folder."""
+    import json
+
+    from jaxgpt.plan import format_plan, plan
+
+    result = plan(model, train, memory)
+    print("\n".join(format_plan(result)))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0
 
 
