@@ -30,12 +30,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from gpu_step import flops_per_token, matmul_params, peak_flops  # one FLOP count, one peak table
+from gpu_step import peak_flops  # one peak table
 from machine import machine  # benchmarks/machine.py (run as a script: its folder is on sys.path)
 
 from jaxgpt.config import GPTConfig, TrainConfig, get_preset
 from jaxgpt.host import reuse_host_memory
 from jaxgpt.optim import make_optimizer
+from jaxgpt.plan import flops_per_token, matmul_params  # one FLOP count
 from jaxgpt.step import init_train_state, make_train_step
 
 DEFAULT_CONFIGS = ("small:8", "book-124m:2")
