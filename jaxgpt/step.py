@@ -149,17 +149,23 @@ def make_train_step(
 
 
 def mesh_train_step(
-    config: GPTConfig, tx: optax.GradientTransformation, key: jax.Array, mesh: str | None
+    config: GPTConfig,
+    tx: optax.GradientTransformation,
+    key: jax.Array,
+    mesh: str | None,
+    grad_accum: int = 1,
 ) -> tuple[TrainState, Callable[[TrainState, Batch], tuple[TrainState, dict]], Callable]:
     """(fresh state, jitted step, put) for one device (`mesh` None) or the mesh spec `mesh`
     (e.g. "data=2,fsdp=4"): the state initialised shard by shard, and `put(batch)` placing a
     host (batch, seq) batch the way the step takes it. The benchmarks' and tests' way in."""
     init = lambda: init_train_state(config, tx, key)  # noqa: E731
     if mesh is None:  # today's one-device path: no mesh, no shardings
-        return init(), make_train_step(config, tx), lambda b: b
+        return init(), make_train_step(config, tx, grad_accum), lambda b: b
     m = parallel.make_mesh(mesh)
     shardings = parallel.tree_shardings(jax.eval_shape(init), m)
-    step = make_train_step(config, tx, shardings=(shardings, parallel.batch_sharding(m)))
+    step = make_train_step(
+        config, tx, grad_accum, shardings=(shardings, parallel.batch_sharding(m))
+    )
     return parallel.init_sharded(init, shardings), step, lambda b: parallel.put_batch(b, m)
 
 
