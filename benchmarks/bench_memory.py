@@ -45,27 +45,29 @@ def _rss_kib(pid: int) -> int:
 
 def measure(cmd: list[str], limit: float = float("inf")) -> dict[str, Any]:
     """Run `cmd` to the end; its peak RSS (bytes), wall seconds and an RSS timeline. A run
-    whose RSS passes `limit` bytes is killed (the machine is shared) and raises."""
+    whose RSS passes `limit` bytes is killed (the machine is shared): "killed" says so."""
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     os.set_blocking(proc.stdout.fileno(), False)
-    timeline, out = [], b""
+    timeline, out, killed = [], b"", False
     while True:
         waited, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if waited:
             break
         timeline.append((round(time.monotonic() - t0, 1), _rss_kib(proc.pid) * 1024))
-        if timeline[-1][1] > limit:
+        if timeline[-1][1] > limit and not killed:
             proc.kill()
+            killed = True
         out += proc.stdout.read() or b""
         time.sleep(0.2)
     out += proc.stdout.read() or b""
     proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
+    if proc.returncode and not killed:
         raise RuntimeError(f"{cmd} exited {proc.returncode} (RSS limit {limit / 2**30:.1f} GiB)"
                            f":\n{out.decode()[-3000:]}")  # fmt: skip
     return {
         "peak_rss_bytes": usage.ru_maxrss * 1024,  # Linux: KiB
+        "killed": killed,
         "wall_s": round(time.monotonic() - t0, 1),
         "timeline": timeline[:: max(1, len(timeline) // 200)],  # ~200 points
         "output_tail": out.decode(errors="replace").splitlines()[-6:],

@@ -4,6 +4,7 @@ persistent compilation cache and how glibc's malloc keeps freed host memory."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -26,27 +27,24 @@ def enable_compile_cache(cache_dir: str | Path) -> Path:
 
 
 def reuse_host_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse (one arena, no mmap, no trimming), except
-    what compilation used: every XLA compile is followed by `malloc_trim(0)`.
+    """Make glibc's malloc keep freed memory for reuse (one arena, no mmap, no trimming) from
+    one train step to the next, and give it back after every XLA compile (`malloc_trim(0)`).
 
     XLA:CPU allocates each step's buffers afresh (the `small` step's logits alone are
     206 MB); glibc serves blocks over 32 MB with mmap and unmaps them on free, so every step
     page-faulted ~0.9 GB in again (measured: 232k faults and 0.37 s of system time per
-    `small` step, 870 -> 630 ms wall). Kept whole, the heap would also keep what compiling
-    used, and scatter the compiler's survivors through it: the step's buffers then no longer
-    fit in the freed space and the heap grows past it (the first gpt2 run, batch 2: 18.4 GB
-    against 10.4 GB from a warm compilation cache). Trimming after each compile returns those
-    pages; the steady state, with no compiles, keeps everything. Process-wide and permanent;
-    call it once, before the first JAX computation, whose worker threads pick their arena
-    then. Returns False (and changes nothing) where the C library is not glibc.
+    `small` step, 870 -> 630 ms wall). A heap kept whole also keeps what compiling used and
+    the compiler's survivors scattered through it: the next step's buffers no longer fit in
+    the freed space and the heap grows past it (the first gpt2 run, batch 2: 18.4 GB against
+    10.4 GB from a warm compilation cache). So the heap is trimmed after each compile, and
+    `trim_host_memory` does it after other host work between steps (the CLI: evaluations,
+    samples, checkpoints). Process-wide and permanent; call it once, before the first JAX
+    computation, whose worker threads pick their arena then. Returns False (and changes
+    nothing) where the C library is not glibc.
     """
-    import ctypes
-    import ctypes.util
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    libc = _glibc()
+    if libc is None:
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     # mallopt parameters from glibc's malloc.h; mallopt returns 1 on success.
     m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
     settings = ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1))
@@ -55,7 +53,28 @@ def reuse_host_memory() -> bool:
 
     def trim_after_compile(event: str, duration: float, **_: object) -> None:
         if event == COMPILE_EVENT:  # also a persistent-cache hit: JAX times both as one
-            libc.malloc_trim(0)  # free pages back to the system, top and middle of the heap
+            libc.malloc_trim(0)
 
     jax.monitoring.register_event_duration_secs_listener(trim_after_compile)
     return True
+
+
+def trim_host_memory() -> None:
+    """Give the heap's free pages back to the system (glibc's `malloc_trim(0)`: the top and the
+    middle of the heap). Call it between steps after host work that leaves objects behind in
+    the space the last step freed, so that the next step's buffers, which no longer fit
+    there, do not grow the heap on top of it. A no-op where the C library is not glibc."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _glibc() -> Any:
+    """The C library through ctypes when it is glibc on Linux; else None."""
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

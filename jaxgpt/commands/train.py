@@ -12,17 +12,20 @@ import dataclasses
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
 from jaxgpt.checkpoint import CONFIG_FILE, load_run_config
 from jaxgpt.cli import Parser
 from jaxgpt.config import ATTENTIONS, PRESETS, REMATS, GPTConfig, TrainConfig, get_preset
-from jaxgpt.host import enable_compile_cache, reuse_host_memory
+from jaxgpt.host import enable_compile_cache, reuse_host_memory, trim_host_memory
 from jaxgpt.runguard import CheckpointWriteError, NonFiniteError, SaveAborted, TrainingInterrupted
 from jaxgpt.train import fit
 
 DEFAULT_MODEL = "small"
+# fit's events after host work that leaves objects in the heap a step freed (jaxgpt.host).
+HOST_WORK_EVENTS = ("untrained", "eval", "sample", "checkpoint")
 # flag -> GPTConfig field; None keeps the preset's value.
 MODEL_FLAGS = {
     "context_length": "context length (tokens per window)",
@@ -247,14 +250,27 @@ def _main(argv: list[str] | None) -> int:
     if not args.plan and (args.plan_memory or args.plan_json):
         parser.error("--plan-memory and --plan-json go with --plan; add --plan")
     _init_distributed(args)  # before anything touches a device
-    if train.reuse_host_memory:  # before the first computation starts XLA's threads
-        reuse_host_memory()
+    # Before the first computation starts XLA's threads.
+    trim = train.reuse_host_memory and reuse_host_memory()
     if train.compile_cache:
         enable_compile_cache(train.cache_dir)
     if args.plan:
         return _plan(model, train, args.plan_memory, args.plan_json)
-    fit(model, train, resume=args.resume, on_event=_print_event)
+    fit(
+        model, train, resume=args.resume, on_event=_trimming(_print_event) if trim else _print_event
+    )
     return 0
+
+
+def _trimming(on_event: Callable[[str, dict], None]) -> Callable[[str, dict], None]:
+    """`on_event` that first trims the host heap after the host work between steps."""
+
+    def handle(name: str, e: dict) -> None:
+        if name in HOST_WORK_EVENTS:
+            trim_host_memory()
+        on_event(name, e)
+
+    return handle
 
 
 def _plan(model: GPTConfig, train: TrainConfig, memory: int | None, json_path: str | None) -> int:
