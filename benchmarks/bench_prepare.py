@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def make_corpus(folder: Path, mb: int, files: int) -> list[Path]:
     """`files` documents, `mb` MB in all, of the Python docs and the book's corpus."""
-    verdict = ROOT.parent / "shared" / "data" / "the-verdict.txt"
+    verdict = ROOT / "tests" / "fixtures" / "the-verdict.txt"
     text = data.pydoc_text() + (verdict.read_text(encoding="utf-8") if verdict.is_file() else "")
     per_file = mb * 2**20 // files
     paths = []

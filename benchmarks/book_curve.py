@@ -11,7 +11,7 @@ book's flags and an empty compilation cache, then once more with the cache warm.
 the evaluations side by side and each side's wall time split into setup, compile, training
 steps, evaluation, sampling and checkpoints.
 
-    python benchmarks/book_curve.py --data ../shared/data/the-verdict.txt   # ~20 min on 2 cores
+    python benchmarks/book_curve.py --data tests/fixtures/the-verdict.txt   # ~20 min on 2 cores
 """
 
 from __future__ import annotations

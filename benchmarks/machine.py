@@ -1,9 +1,10 @@
-"""What machine a benchmark ran on: CPU model, cores, JAX device, package versions."""
+"""What machine a benchmark ran on: CPU model, cores, JAX device, package versions, date."""
 
 from __future__ import annotations
 
 import os
 import platform
+from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,8 @@ PACKAGES = ("jax", "jaxlib", "flax", "torch", "transformers", "llms-from-scratch
 
 
 def machine() -> dict[str, Any]:
-    """{"cpu", "vector_extensions", "cores", "jax_device", "versions"} for results and headers."""
+    """{"cpu", "vector_extensions", "cores", "jax_device", "versions", "date"} for results and
+    headers (`benchmarks/report.py` prints them above each table; date: UTC, when measured)."""
     cpu = platform.processor() or "unknown"
     flags: set[str] = set()
     try:
@@ -41,4 +43,5 @@ def machine() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "jax_device": device,
         "versions": versions,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }

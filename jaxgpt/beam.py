@@ -7,13 +7,12 @@ length_penalty. The decode loop itself (prefill, KV cache, `lax.while_loop`) is 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-if TYPE_CHECKING:  # the loop's static plan and traced scalars; sampling imports this module
-    from jaxgpt.sampling import _Dyn, _Plan
+from jaxgpt.decoding import Dyn, Plan
 
 
 class _BeamState(NamedTuple):
@@ -27,7 +26,7 @@ class _BeamState(NamedTuple):
     step: jax.Array  # () int32
 
 
-def init_beams(tokens: jax.Array, lens: jax.Array, live: jax.Array, plan: _Plan) -> _BeamState:
+def init_beams(tokens: jax.Array, lens: jax.Array, live: jax.Array, plan: Plan) -> _BeamState:
     """k copies of each prompt, only the first live: tokens (batch, buf), lens/live (batch,)."""
     b, k = plan.batch, plan.num_beams
     sums = jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf)  # one live beam at first
@@ -44,7 +43,7 @@ def init_beams(tokens: jax.Array, lens: jax.Array, live: jax.Array, plan: _Plan)
 
 
 def beam_update(
-    st: _BeamState, logits: jax.Array, plan: _Plan, dyn: _Dyn
+    st: _BeamState, logits: jax.Array, plan: Plan, dyn: Dyn
 ) -> tuple[_BeamState, jax.Array]:
     b, k, v = plan.batch, plan.num_beams, plan.config.vocab_size
     logp = jax.nn.log_softmax(logits, axis=-1).reshape(b, k, v)
@@ -88,7 +87,7 @@ def beam_update(
     return new, rows_parent
 
 
-def finish_beams(st: _BeamState, plan: _Plan, dyn: _Dyn) -> tuple[jax.Array, jax.Array]:
+def finish_beams(st: _BeamState, plan: Plan, dyn: Dyn) -> tuple[jax.Array, jax.Array]:
     """Best hypothesis per prompt among finished and running beams: tokens (batch, buf), lens."""
     b, k = plan.batch, plan.num_beams
     run_scores = st.sums / jnp.maximum(st.step, 1).astype(jnp.float32) ** dyn.length_penalty

@@ -31,6 +31,7 @@ from jaxgpt.config import GPTConfig, TrainConfig
 from jaxgpt.model import (
     Params,
     flatten_params,
+    is_stacked,
     stack_blocks,
     to_layout,
     unflatten_params,
@@ -55,12 +56,21 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     tmp.replace(path)
 
 
-def save_run_config(run_dir: str | os.PathLike, model: GPTConfig, train: TrainConfig) -> None:
-    """`run_dir/config.json`: {"model": ..., "train": ...}."""
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    write_json_atomic(
-        Path(run_dir) / CONFIG_FILE, {"model": model.to_dict(), "train": train.to_dict()}
-    )
+def save_run_config(
+    run_dir: str | os.PathLike, model: GPTConfig, train: TrainConfig, **extra: Any
+) -> None:
+    """`run_dir/config.json`: {"model": ..., "train": ..., **extra} (None values left out).
+
+    Other entries of an existing file (a fine-tune's "init_from") are kept: a resumed run
+    rewrites the settings, not the record of where its weights came from.
+    """
+    path = Path(run_dir) / CONFIG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = {}
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        kept = {k: v for k, v in json.loads(path.read_text(encoding="utf-8")).items()}
+    new = {k: v for k, v in extra.items() if v is not None}
+    write_json_atomic(path, {**kept, **new, "model": model.to_dict(), "train": train.to_dict()})
 
 
 def load_run_config(run_dir: str | os.PathLike) -> tuple[GPTConfig, TrainConfig]:
@@ -346,8 +356,10 @@ def restore(
 
     _, state, meta = _intact(mngr, step, read)
     if "trf_blocks" in like.params:  # a scanned run: back to the stacked layout
+        # (The optimizer state of a `--trainable` run mirrors an unrolled view: kept as read.)
+        moments = stack_blocks if is_stacked(like.opt_state) else lambda t: t
         stack = lambda s: s.replace(  # noqa: E731
-            params=stack_blocks(s.params), opt_state=stack_blocks(s.opt_state)
+            params=stack_blocks(s.params), opt_state=moments(s.opt_state)
         )
         # On a mesh the stacked leaves land on the run's own shardings, each device
         # assembling its shards from the layers it read (one program, every process).

@@ -1,6 +1,6 @@
 """Command-line plumbing: an argparse parser whose errors are one line, and the `jaxgpt`
-command (`jaxgpt train | generate | convert | prepare ...`, also `python -m jaxgpt`), which
-runs the same `jaxgpt.commands` modules as `scripts/*.py`."""
+command (`jaxgpt train | generate | evaluate | convert | prepare ...`, also
+`python -m jaxgpt`), which runs the same `jaxgpt.commands` modules as `scripts/*.py`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import NoReturn
 COMMANDS = {
     "train": ("train", "scripts/train.py", "train a GPT on a corpus (the book's chapter 5)"),
     "generate": ("generate", "scripts/generate.py", "generate text from any weights"),
+    "evaluate": ("evaluate", "scripts/evaluate.py", "score any weights on a text (perplexity)"),
     "convert": ("convert", "scripts/convert.py", "convert weights: OpenAI, HF, book, jaxgpt"),
     "prepare": ("prepare", "scripts/prepare_data.py", "tokenise a corpus into uint16 shards"),
 }

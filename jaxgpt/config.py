@@ -181,7 +181,8 @@ class TrainConfig(_DictMixin):
     out: str = "runs/default"
     checkpoint_every: int = 100
     keep: int = 3
-    cache_dir: str = "~/.cache/jaxgpt"  # where downloaded corpora are kept
+    # Downloaded corpora and the XLA cache; None: $XDG_CACHE_HOME/jaxgpt, else ~/.cache/jaxgpt.
+    cache_dir: str | None = None
     data_url: str | None = None  # base URL of the-verdict; None: the book's repository
     # Persistent XLA compilation cache in `cache_dir`/xla (scripts/train.py turns it on before
     # the first compile), so a second run with the same shapes does not compile again.
@@ -206,6 +207,17 @@ class TrainConfig(_DictMixin):
     # Several processes: seconds without a heartbeat before JAX's coordination service takes
     # a process for dead (JAX's default, 100); the others then stop cleanly after a quarter of it.
     heartbeat_timeout: int = 100
+    # Experiment tracking (jaxgpt.tracking), the rows of metrics.jsonl at the same steps:
+    # TensorBoard event files in this folder ("": the run folder's tensorboard/), and a
+    # Weights & Biases run in this project. None: off.
+    tensorboard: str | None = None
+    wandb: str | None = None
+    # Start from pretrained weights: anything `jaxgpt.load` reads (gpt2..gpt2-xl by name, an
+    # OpenAI / HF folder, .safetensors, the book's .pth, a jaxgpt run or .npz). None: random.
+    init_from: str | None = None
+    # Only the params whose "/"-joined path (layers unrolled) matches this regex whole train;
+    # the others are frozen, with no optimizer state. None: all train.
+    trainable: str | None = None
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "epochs", "eval_freq", "eval_iter", "checkpoint_every", "keep")
@@ -247,3 +259,8 @@ class TrainConfig(_DictMixin):
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed={self.seed!r} must be an integer >= 0")
         _check_choice("sampling", self.sampling, _SAMPLINGS)
+        if self.wandb is not None and (not self.wandb or set(self.wandb) & set("/\\#?%:")):
+            raise ValueError(
+                f"wandb={self.wandb!r} is not a W&B project name; give a non-empty name "
+                "without / \\ # ? % :"
+            )

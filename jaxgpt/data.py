@@ -260,9 +260,8 @@ def is_token_shards(path: str | os.PathLike) -> bool:
     return (Path(path) / DATASET_FILE).is_file()
 
 
-def open_token_shards(folder: str | os.PathLike) -> Splits:
-    """Train and validation `TokenShards` of a prepared folder, each shard checked whole."""
-    folder = Path(folder)
+def _shard_paths(folder: Path) -> tuple[np.dtype, dict[str, list[Path]]]:
+    """(dtype, {"train": paths, "val": paths}) of a prepared folder, each shard checked whole."""
     index = json.loads((folder / DATASET_FILE).read_text(encoding="utf-8"))
     if index.get("format") != DATASET_FORMAT:
         raise ValueError(
@@ -279,8 +278,14 @@ def open_token_shards(folder: str | os.PathLike) -> Splits:
                     f"token shard {str(path)!r} is missing or not {side['tokens']} tokens long; "
                     "run scripts/prepare_data.py again into a new --out"
                 )
-        splits[split] = TokenShards(paths, dtype)
-    return Splits(splits["train"], splits["val"])
+        splits[split] = paths
+    return dtype, splits
+
+
+def open_token_shards(folder: str | os.PathLike) -> Splits:
+    """Train and validation `TokenShards` of a prepared folder, each shard checked whole."""
+    dtype, paths = _shard_paths(Path(folder))
+    return Splits(TokenShards(paths["train"], dtype), TokenShards(paths["val"], dtype))
 
 
 # ----------------------------------------------------------------------------- windows
@@ -410,3 +415,17 @@ def load_splits(
         load_text(spec, cache_dir=cache_dir, base_url=base_url), train_ratio
     )
     return Splits(tokenizer.encode_array(train_text), tokenizer.encode_array(val_text))
+
+
+def load_tokens(
+    spec: str, *, cache_dir: str | os.PathLike, base_url: str = VERDICT_BASE_URL
+) -> np.ndarray | TokenShards:
+    """A whole corpus as one token array (n,), no train/validation split: what `load_splits`
+    reads (a corpus name, a text file or folder, a `.bin` token file, a prepared folder,
+    whose validation shards follow its training shards as they followed in the text)."""
+    if is_token_shards(spec):
+        dtype, paths = _shard_paths(Path(spec))
+        return TokenShards(paths["train"] + paths["val"], dtype)
+    if spec.endswith(".bin"):
+        return open_tokens(spec)
+    return tokenizer.encode_array(load_text(spec, cache_dir=cache_dir, base_url=base_url))

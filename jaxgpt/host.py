@@ -1,15 +1,25 @@
-"""Process-wide settings a command line makes before its first JAX computation: the
-persistent compilation cache and how glibc's malloc keeps freed host memory."""
+"""Process-wide settings a command line makes before its first JAX computation: where the
+user cache lives, the persistent compilation cache and how glibc's malloc keeps freed host
+memory."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
-import jax
-
 # JAX records the duration of every backend compile (or compilation-cache load) under this name.
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+def cache_dir(given: str | os.PathLike | None = None) -> Path:
+    """`given` (with ~ expanded), else the user cache: `$XDG_CACHE_HOME/jaxgpt`, or
+    `~/.cache/jaxgpt` where XDG_CACHE_HOME is unset or empty (the XDG base directory rule)."""
+    if given is not None:
+        return Path(given).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    root = Path(xdg) if xdg and Path(xdg).is_absolute() else Path("~/.cache").expanduser()
+    return root / "jaxgpt"
 
 
 def enable_compile_cache(cache_dir: str | Path) -> Path:
@@ -18,6 +28,8 @@ def enable_compile_cache(cache_dir: str | Path) -> Path:
     Call it before the first compilation of the process: JAX decides once whether to use
     the cache. Every program is cached, however quick its compile.
     """
+    import jax
+
     path = Path(cache_dir).expanduser() / "xla"
     path.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))
@@ -50,6 +62,8 @@ def reuse_host_memory() -> bool:
     settings = ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1))
     if not all(libc.mallopt(param, value) == 1 for param, value in settings):
         return False
+
+    import jax
 
     def trim_after_compile(event: str, duration: float, **_: object) -> None:
         if event == COMPILE_EVENT:  # also a persistent-cache hit: JAX times both as one

@@ -33,6 +33,25 @@ def perplexity(loss: jax.Array | float) -> jax.Array:
     return jnp.exp(jnp.asarray(loss, jnp.float32))
 
 
+def token_cross_entropy(
+    hidden: jax.Array,
+    head: jax.Array,
+    targets: jax.Array,
+    tied: bool = False,
+    precision: jax.lax.Precision | None = None,
+    vocab: int | None = None,
+) -> jax.Array:
+    """Each token's cross-entropy -log softmax(hidden @ head)[target], in float32: the terms
+    `head_cross_entropy` averages (same arguments; no gradient of its own).
+
+    Returns:
+      float32 (tokens,).
+    """
+    logits = _head_logits(hidden, head, tied, precision, vocab)  # (tokens, vocab) float32
+    picked = jnp.take_along_axis(logits, targets[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    return jax.nn.logsumexp(logits, axis=-1) - picked
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def head_cross_entropy(
     hidden: jax.Array,

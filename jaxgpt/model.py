@@ -500,6 +500,12 @@ def _has_unrolled(node: Any) -> bool:
     return isinstance(node, Mapping) and "trf_blocks_0" in node
 
 
+def is_stacked(tree: Any) -> bool:
+    """Whether any dict in `tree` holds stacked `trf_blocks` (params or moments, scanned)."""
+    paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    return any(getattr(k, "key", None) == "trf_blocks" for path in paths for k in path)
+
+
 def stack_blocks(tree: Any) -> Any:
     """Unrolled -> scanned layout: every dict holding `trf_blocks_0..N-1` gets one `trf_blocks`
     whose leaves stack the N layers on a leading axis. Works on params and on optimizer

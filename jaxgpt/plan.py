@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxgpt import parallel
+from jaxgpt import freeze, parallel
 from jaxgpt.config import GPTConfig, TrainConfig
 from jaxgpt.model import count_params
 from jaxgpt.optim import make_optimizer
@@ -108,15 +108,17 @@ def plan(config: GPTConfig, tc: TrainConfig, memory: int | None = None) -> dict[
     mesh = run_mesh(tc)
     tx = make_optimizer(tc, _total_steps(tc))
     key = jax.random.key(tc.seed, impl=tc.prng_impl)
-    state = jax.eval_shape(lambda: init_train_state(config, tx, key))
+    trainable = freeze.select(tc.trainable, config)
+    state = jax.eval_shape(lambda: init_train_state(config, tx, key, trainable=trainable))
     batch = jax.ShapeDtypeStruct((tc.batch_size, config.context_length), jnp.int32)
     shardings = None
     if mesh is None:
-        step = make_train_step(config, tx, tc.grad_accum)
+        step = make_train_step(config, tx, tc.grad_accum, trainable=trainable)
     else:
         shardings = parallel.tree_shardings(state, mesh)
         batch_sh = parallel.batch_sharding(mesh)
-        step = make_train_step(config, tx, tc.grad_accum, shardings=(shardings, batch_sh))
+        shard_both = (shardings, batch_sh)
+        step = make_train_step(config, tx, tc.grad_accum, shardings=shard_both, trainable=trainable)
         batch = jax.ShapeDtypeStruct(batch.shape, batch.dtype, sharding=batch_sh)
     t = time.perf_counter()
     mem = step.lower(state, (batch, batch)).compile().memory_analysis()

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import optax
 
-from jaxgpt import checkpoint, data, metrics, parallel, runguard
+from jaxgpt import checkpoint, data, finetune, freeze, host, metrics, parallel, runguard, tracking
 from jaxgpt.config import GPTConfig, TrainConfig
 from jaxgpt.model import Params, count_params
 from jaxgpt.optim import SkipNonfiniteState
@@ -30,7 +30,7 @@ EventFn = Callable[[str, dict[str, Any]], None]
 RESUMABLE_CHANGES = frozenset(
     {"epochs", "max_steps", "eval_freq", "eval_iter", "checkpoint_every", "keep",
      "start_context", "sample_tokens", "out", "cache_dir", "data_url", "compile_cache",
-     "grad_accum", "mesh", "skip_nonfinite", "heartbeat_timeout"}
+     "grad_accum", "mesh", "skip_nonfinite", "heartbeat_timeout", "tensorboard", "wandb"}
 )  # fmt: skip
 # Model settings a resumed run may change: how the same model is computed, not what it is.
 MODEL_RESUMABLE_CHANGES = ("attention", "scan_layers", "remat")
@@ -58,6 +58,10 @@ class Run:
     main: bool = True  # process 0: the one that prints and writes metrics and plots
     report: EventFn = field(default=None)  # type: ignore[assignment]  # every process's errors
     watch: runguard.PeerWatch | None = None  # several processes: notices a lost one
+    trainable: freeze.Trainable | None = None  # None: every parameter trains
+    source: finetune.Source | None = None  # a fresh fine-tune's weights, until placed
+    init_from: dict[str, str] | None = None  # what config.json records of the source
+    trackers: tracking.Trackers = field(default_factory=lambda: tracking.Trackers([]))
 
     def put(self, batch: Batch, rows_only: bool = False) -> Batch:
         """A host batch (whole, or with `rows_only` this process's rows of a training batch)
@@ -97,14 +101,22 @@ def _log_event(name: str, payload: dict[str, Any]) -> None:
     log.info("%s %s", name, payload)
 
 
-def prepare(config: GPTConfig, tc: TrainConfig, resume: bool, on_event: EventFn | None) -> Run:
+def prepare(
+    config: GPTConfig,
+    tc: TrainConfig,
+    resume: bool,
+    on_event: EventFn | None,
+    source: finetune.Source | None = None,
+) -> Run:
     run_dir = Path(tc.out)
+    tracking.check_installed(tc)
     _check_run_dir(run_dir, config, tc, resume)
     parallel.sync("jaxgpt: run folder checked")  # before process 0 writes into it
+    trainable = freeze.select(tc.trainable, config)
     mesh = run_mesh(tc)  # a mesh that does not fit fails before the corpus is read or fetched
     splits = data.load_splits(
         tc.data,
-        cache_dir=Path(tc.cache_dir).expanduser(),
+        cache_dir=host.cache_dir(tc.cache_dir),
         train_ratio=tc.train_ratio,
         base_url=tc.data_url or data.VERDICT_BASE_URL,
     )
@@ -120,10 +132,18 @@ def prepare(config: GPTConfig, tc: TrainConfig, resume: bool, on_event: EventFn 
             f"warmup_steps={tc.warmup_steps} is not shorter than the run ({total} steps); "
             f"pass --warmup-steps below {total} (e.g. {total // 10})"
         )
+    if tc.init_from is None or resume:
+        source = None  # a resumed fine-tune reads its checkpoint, never the source
+    elif source is None:
+        cache = host.cache_dir(tc.cache_dir) / "openai"
+        source = finetune.load_source(tc.init_from, cache_dir=cache, n_heads=config.n_heads)
+    if source is not None:
+        finetune.check_source(source, config)
     return Run(
         config, tc, run_dir, splits, stride, steps_per_epoch, total,
         (on_event or _log_event) if main else _quiet, data.DataPosition(seed=tc.seed),
-        mesh=mesh, main=main, report=on_event or _log_event,
+        mesh=mesh, main=main, report=on_event or _log_event, trainable=trainable,
+        source=source, init_from=None if source is None else source.info(),
     )  # fmt: skip
 
 
@@ -166,19 +186,19 @@ def _check_run_dir(run_dir: Path, config: GPTConfig, tc: TrainConfig, resume: bo
 
 
 def start_state(run: Run, tx: optax.GradientTransformation, resume: bool) -> TrainState:
-    key = jax.random.key(run.tc.seed, impl=run.tc.prng_impl)
+    """Step 0 (fresh weights, or the source's of a fine-tune) or the newest checkpoint."""
+    init = _init_fn(run, tx)
+    like = jax.eval_shape(init)
     if run.mesh is None:
-        state = init_train_state(run.config, tx, key)
-        like = jax.eval_shape(lambda: state)
         # Explicit, so a checkpoint written on another mesh restores onto this one device.
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: one, like)
     else:
-        state, shardings = _sharded_init(run, tx, not resume)
-        like = state
+        shardings = state_shardings(run, tx)
     if not resume:
+        state = _fresh_state(run, tx, init, shardings)
         if run.main:
-            checkpoint.save_run_config(run.dir, run.config, run.tc)
+            checkpoint.save_run_config(run.dir, run.config, run.tc, init_from=run.init_from)
         parallel.sync("jaxgpt: run folder set up")
         return state
     with checkpoint.manager(run.dir, keep=run.tc.keep) as mngr:
@@ -198,17 +218,33 @@ def start_state(run: Run, tx: optax.GradientTransformation, resume: bool) -> Tra
 
 def state_shardings(run: Run, tx: optax.GradientTransformation) -> Any:
     """The TrainState's shardings on the run's mesh (FSDP rule of `jaxgpt.parallel`)."""
-    key = jax.random.key(run.tc.seed, impl=run.tc.prng_impl)
-    init = lambda: init_train_state(run.config, tx, key)  # noqa: E731
-    return parallel.tree_shardings(jax.eval_shape(init), run.mesh)
+    return parallel.tree_shardings(jax.eval_shape(_init_fn(run, tx)), run.mesh)
 
 
-def _sharded_init(run: Run, tx: optax.GradientTransformation, concrete: bool) -> tuple:
-    # Fresh: each device computes its own shards. Resumed: only the abstract state is needed.
+def _init_fn(run: Run, tx: optax.GradientTransformation) -> Callable[[], TrainState]:
+    """The run's fresh state (random weights) as a function: abstract shapes come from it."""
     key = jax.random.key(run.tc.seed, impl=run.tc.prng_impl)
-    init = lambda: init_train_state(run.config, tx, key)  # noqa: E731
-    shardings = state_shardings(run, tx)
-    return (parallel.init_sharded(init, shardings) if concrete else jax.eval_shape(init)), shardings
+    return lambda: init_train_state(run.config, tx, key, trainable=run.trainable)
+
+
+def _fresh_state(
+    run: Run, tx: optax.GradientTransformation, init: Callable[[], TrainState], shardings: Any
+) -> TrainState:
+    """Step 0 on `shardings`: random weights (on a mesh each device computes its own shards),
+    or the source's placed shard by shard, with a fresh optimizer state and the same key."""
+    if run.source is None:
+        return init() if run.mesh is None else parallel.init_sharded(init, shardings)
+    params = finetune.place(run.source, run.config, shardings.params)
+    run.source = None  # the run holds no host copy of the weights from here on
+    key = jax.random.key(run.tc.seed, impl=run.tc.prng_impl)
+
+    def rest(p: Params) -> tuple:
+        s = init_train_state(run.config, tx, key, params=p, trainable=run.trainable)
+        return s.step, s.opt_state, s.key
+
+    out = (shardings.step, shardings.opt_state, shardings.key)
+    step, opt_state, dropout_key = jax.jit(rest, out_shardings=out)(params)
+    return TrainState(step=step, params=params, opt_state=opt_state, key=dropout_key)
 
 
 def check_finite(run: Run, state: TrainState) -> None:
@@ -244,9 +280,9 @@ def save(run: Run, mngr: Any, state: TrainState) -> None:
     run.on_event("checkpoint", {"step": step, "dir": str(mngr.directory)})
 
 
-def stop_if_signalled(run: Run, mngr: Any, state: TrainState) -> None:
-    """Between steps: after SIGTERM/SIGINT, save the state and raise TrainingInterrupted."""
-    step = int(state.step)
+def stop_if_signalled(run: Run, mngr: Any, state: TrainState, step: int) -> None:
+    """Between steps: after SIGTERM/SIGINT, save the state and raise TrainingInterrupted.
+    `step` is the host's count (== state.step): reading the state would wait for the step."""
     signum = None if run.stop is None else run.stop.requested(step)
     if signum is None:
         return
@@ -284,8 +320,22 @@ def hold_run_dir(
         return
     held.enter_context(runguard.RunLock(run.dir))
     _check_run_dir(run.dir, run.config, run.tc, resume)
-    like = jax.eval_shape(lambda: init_train_state(run.config, tx, jax.random.key(0)))
+    like = jax.eval_shape(_init_fn(run, tx))
     runguard.check_free_space(run.dir, checkpoint.state_bytes(like), run.tc.keep)
+
+
+def open_tracking(held: contextlib.ExitStack, run: Run) -> None:
+    """Open the trackers the run asks for (process 0; closed with `held`). Call it before
+    `start_state`: W&B starts before the run folder is set up."""
+    config = {"model": run.config.to_dict(), "train": run.tc.to_dict()}  # as config.json
+    run.trackers = held.enter_context(tracking.open_trackers(run.dir, run.tc, config, run.main))
+
+
+def start_tracking(run: Run, state: TrainState) -> None:
+    """Tell the trackers where the run starts, with its config.json (after `start_state`)."""
+    if run.trackers.trackers:
+        config_text = (run.dir / checkpoint.CONFIG_FILE).read_text(encoding="utf-8")
+        run.trackers.start(int(state.step), config_text)
 
 
 def _peer_watch(run: Run) -> runguard.PeerWatch:
@@ -321,7 +371,7 @@ def _peer_watch(run: Run) -> runguard.PeerWatch:
     )
 
 
-def start_info(run: Run, state: TrainState) -> dict[str, Any]:
+def start_info(run: Run, state: TrainState, tx: optax.GradientTransformation) -> dict[str, Any]:
     return {
         "device": str(jax.devices()[0].device_kind),
         "platform": jax.default_backend(),
@@ -341,4 +391,6 @@ def start_info(run: Run, state: TrainState) -> dict[str, Any]:
         "run_dir": str(run.dir),
         "mesh": None if run.mesh is None else dict(run.mesh.shape),
         "processes": jax.process_count(),
+        **freeze.summary(run.trainable, tx, state.params, state.opt_state),
+        "init_from": run.init_from,
     }

@@ -18,35 +18,10 @@ import numpy as np
 
 from jaxgpt import beam
 from jaxgpt.config import GPTConfig
+from jaxgpt.decoding import Dyn, Plan
 from jaxgpt.model import GPT, Cache, Params, init_cache, unstack_blocks
 
 _MIN_SEQ_BUCKET = 8
-
-
-class _Plan(NamedTuple):
-    """Everything static about one compiled generate program (the jit cache key)."""
-
-    config: GPTConfig
-    batch: int  # padded number of prompts
-    prefill_len: int  # padded prompt length fed in the prefill
-    cache_len: int  # KV-cache slots; positions fed with the cache are < cache_len
-    buf_len: int  # token buffer per row: prompt + new tokens, padded
-    overflow: bool  # some row may outgrow the cache: compile the sliding-window phase
-    greedy: bool
-    top_k: int | None
-    use_top_p: bool
-    use_eos: bool
-    num_beams: int
-
-
-class _Dyn(NamedTuple):
-    """Traced scalars: changing them does not recompile."""
-
-    n_new: jax.Array  # int32, max_new_tokens
-    temperature: jax.Array  # float32
-    top_p: jax.Array  # float32
-    eos_id: jax.Array  # int32
-    length_penalty: jax.Array  # float32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,7 +126,7 @@ def _last_tokens(tokens: jax.Array, lens: jax.Array) -> jax.Array:
     return jnp.take_along_axis(tokens, (lens - 1)[:, None], axis=1)[:, 0]  # (rows,)
 
 
-def _window_logits(params: Params, plan: _Plan, tokens: jax.Array, lens: jax.Array) -> jax.Array:
+def _window_logits(params: Params, plan: Plan, tokens: jax.Array, lens: jax.Array) -> jax.Array:
     """Book semantics past the context: rerun the model on each row's last context_length tokens
     at positions 0..ctx-1 (a fresh prefill + one decode step, so the vocab head runs once)."""
     ctx = plan.config.context_length
@@ -178,7 +153,7 @@ class _SampleState(NamedTuple):
 
 
 def _sample_update(
-    st: _SampleState, logits: jax.Array, plan: _Plan, dyn: _Dyn
+    st: _SampleState, logits: jax.Array, plan: Plan, dyn: Dyn
 ) -> tuple[_SampleState, jax.Array | None]:
     key = jax.random.fold_in(st.key, st.step)
     tok = select_tokens(
@@ -213,7 +188,7 @@ _COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 @functools.partial(jax.jit, static_argnames=("plan",), compiler_options=_COMPILER_OPTIONS)
 def _generate_padded(
-    params: Params, tokens: jax.Array, lens: jax.Array, dyn: _Dyn, key: jax.Array, *, plan: _Plan
+    params: Params, tokens: jax.Array, lens: jax.Array, dyn: Dyn, key: jax.Array, *, plan: Plan
 ) -> tuple[jax.Array, jax.Array]:
     """tokens (batch, buf) right-padded prompts, lens (batch,) -> (rows, buf) tokens and lens."""
     b, k, cfg = plan.batch, plan.num_beams, plan.config
@@ -322,7 +297,7 @@ def _pack(
     eos_id: int | None,
     num_beams: int,
     length_penalty: float,
-) -> tuple[tuple[jax.Array, jax.Array, _Dyn], _Plan]:
+) -> tuple[tuple[jax.Array, jax.Array, Dyn], Plan]:
     """Bucketed, right-padded (tokens, lens, dyn) and the static plan of one `generate` call."""
     ctx = config.context_length
     conds = [p[-ctx:] for p in prompts]  # the book's idx[:, -context_size:]
@@ -341,7 +316,7 @@ def _pack(
         tokens[i, : len(c)] = c
         lens[i] = len(c)
     use_top_p = top_p is not None and top_p < 1.0
-    plan = _Plan(
+    plan = Plan(
         config=config,
         batch=batch,
         prefill_len=prefill_len,
@@ -354,7 +329,7 @@ def _pack(
         use_eos=eos_id is not None,
         num_beams=num_beams,
     )
-    dyn = _Dyn(
+    dyn = Dyn(
         n_new=jnp.int32(max_new_tokens),
         temperature=jnp.float32(temperature),
         top_p=jnp.float32(top_p if use_top_p else 1.0),

@@ -7,6 +7,7 @@ Nothing here touches files or the console; `jaxgpt.train.fit` drives these steps
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import jax
@@ -16,6 +17,7 @@ from flax import struct
 
 from jaxgpt import parallel
 from jaxgpt.config import GPTConfig
+from jaxgpt.freeze import Trainable
 from jaxgpt.losses import head_cross_entropy
 from jaxgpt.model import GPT, Params, head_matrix, init_params, precision
 from jaxgpt.optim import apply_gradients, learning_rate
@@ -34,13 +36,21 @@ class TrainState:
 
 
 def init_train_state(
-    config: GPTConfig, tx: optax.GradientTransformation, key: jax.Array
+    config: GPTConfig,
+    tx: optax.GradientTransformation,
+    key: jax.Array,
+    *,
+    params: Params | None = None,
+    trainable: Trainable | None = None,
 ) -> TrainState:
-    """Fresh params from `key` (split into init and dropout keys) and optimizer state."""
+    """Step 0: fresh params from `key` (split into init and dropout keys), or the given
+    `params` (a fine-tune), and a fresh optimizer state over the `trainable` view (all params
+    when None)."""
     init_key, dropout_key = jax.random.split(key)
-    params = init_params(config, init_key)
+    params = init_params(config, init_key) if params is None else params
+    view = params if trainable is None else trainable.view(params)
     return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), key=dropout_key
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(view), key=dropout_key
     )
 
 
@@ -83,6 +93,7 @@ def loss_and_grads(
     key: jax.Array,
     grad_accum: int = 1,
     *,
+    merge: Callable[[Params], Params] | None = None,
     fsdp: parallel.FSDP | None = None,
 ) -> tuple[jax.Array, Params]:
     """Mean token loss of `batch` and its gradient, over `grad_accum` micro-batches.
@@ -91,15 +102,17 @@ def loss_and_grads(
     rows; a `lax.scan` sums their losses and gradients and divides by grad_accum. Every
     micro-batch has the same number of tokens, so this is the full batch's mean. Micro-batch i
     draws dropout from fold_in(key, i); grad_accum=1 uses `key` itself (the plain step).
-    `fsdp`: parameters sharded at rest, gathered where used (`parallel.FSDP`).
+    `merge` makes the model's params of the differentiated ones (a fine-tune's frozen params
+    merged in; default identity). `fsdp`: params sharded at rest, gathered where used.
     """
+    merge = merge or (lambda p: p)
     if grad_accum == 1:
-        return jax.value_and_grad(lambda p: _loss(config, p, batch, key, fsdp))(params)
+        return jax.value_and_grad(lambda p: _loss(config, merge(p), batch, key, fsdp))(params)
 
     def micro(carry: tuple, xs: tuple) -> tuple[tuple, None]:
         i, mb = xs  # mb: (batch / grad_accum, seq) inputs and targets
         k = jax.random.fold_in(key, i)
-        loss, grads = jax.value_and_grad(lambda p: _loss(config, p, mb, k, fsdp))(params)
+        loss, grads = jax.value_and_grad(lambda p: _loss(config, merge(p), mb, k, fsdp))(params)
         return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
     def split(a: jax.Array) -> jax.Array:  # (batch, seq) -> (grad_accum, batch/grad_accum, seq)
@@ -119,6 +132,7 @@ def make_train_step(
     grad_accum: int = 1,
     *,
     shardings: tuple[Any, Any] | None = None,
+    trainable: Trainable | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """A jitted pure `train_step(state, batch) -> (state, metrics)`; `state` is donated.
 
@@ -126,6 +140,8 @@ def make_train_step(
     `grad_accum` > 1 averages the gradients of that many micro-batches (`loss_and_grads`).
     `shardings`: (state shardings, batch sharding) from `jaxgpt.parallel`; the compiled step
     then takes and returns the state with exactly those shardings (metrics replicated).
+    `trainable`: only its view is differentiated and updated (the state's optimizer state is
+    over the view); frozen params leave the step as they came in.
     The loss goes to optimizers that take extra args (`optim.skip_nonfinite` checks it).
     """
     fsdp = _fsdp(shardings)
@@ -133,12 +149,16 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         dropout_key = jax.random.fold_in(state.key, state.step)
+        if trainable is None:
+            view, merge = state.params, lambda v: v
+        else:  # frozen params enter the loss as constants: no gradient is taken for them
+            view, merge = trainable.view(state.params), partial(trainable.merge, state.params)
         loss, grads = loss_and_grads(
-            config, state.params, batch, dropout_key, grad_accum, fsdp=fsdp
+            config, view, batch, dropout_key, grad_accum, merge=merge, fsdp=fsdp
         )
         kw = {"loss": loss} if extra_args else {}
-        params, opt_state = apply_gradients(tx, grads, state.opt_state, state.params, **kw)
-        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        view, opt_state = apply_gradients(tx, grads, state.opt_state, view, **kw)
+        new = state.replace(step=state.step + 1, params=merge(view), opt_state=opt_state)
         return new, {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": _lr(opt_state)}
 
     if shardings is not None:

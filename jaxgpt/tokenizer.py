@@ -70,3 +70,10 @@ def encode_array(text: str) -> np.ndarray:
 def decode(ids: Sequence[int] | np.ndarray) -> str:
     """GPT-2 token ids -> text."""
     return get_encoding().decode([int(i) for i in ids])
+
+
+@functools.lru_cache(maxsize=1)
+def token_byte_lengths() -> np.ndarray:
+    """int64 (50257,): how many bytes of UTF-8 text each id stands for (`<|endoftext|>`: 13)."""
+    enc = get_encoding()
+    return np.fromiter(map(len, enc.decode_tokens_bytes(range(enc.n_vocab))), np.int64)

@@ -13,6 +13,7 @@ jax.config.update("jax_num_cpu_devices", 2)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 import pytest  # noqa: E402
+from skipreport import pytest_terminal_summary  # noqa: E402, F401  (the CI's skip report)
 
 from jaxgpt.config import GPTConfig, get_preset  # noqa: E402
 

@@ -65,3 +65,18 @@ def test_narrow_beam_scores_at_least_greedy_and_finds_better(beam_params: dict) 
     beam = generate(beam_params, BEAM_CFG, [prompt], 4, num_beams=3)[0]
     assert beam == best
     assert greedy != best
+
+
+def test_imports_run_one_way() -> None:
+    # decoding <- beam <- sampling: beam search never reaches back into the decode loop.
+    import ast
+    from pathlib import Path
+
+    import jaxgpt.beam
+
+    tree = ast.parse(Path(jaxgpt.beam.__file__).read_text(encoding="utf-8"))
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            names |= {f"{node.module}.{a.name}" for a in node.names} | {node.module}
+    assert "jaxgpt.decoding.Plan" in names and not any("sampling" in n for n in names), names

@@ -65,12 +65,13 @@ def _reference_greedy(params: dict, cfg: GPTConfig, prompt: list[int], n: int) -
 def book_model():
     torch = pytest.importorskip("torch")
     from llms_from_scratch.ch04 import GPTModel
+    from parity.parity_refs import randomize_
 
     torch.manual_seed(123)
     book_cfg = {k: getattr(CFG, k) for k in ("vocab_size", "context_length", "emb_dim")}
     book_cfg |= {"n_heads": CFG.n_heads, "n_layers": CFG.n_layers, "drop_rate": 0.0}
     book_cfg["qkv_bias"] = False
-    model = GPTModel(book_cfg).eval()
+    model = randomize_(GPTModel(book_cfg).eval(), 123)
     # The interop mapping is itself checked against PyTorch in tests/parity.
     return model, from_book_state_dict(model.state_dict(), CFG)[1]
 
@@ -130,13 +131,13 @@ def test_cached_decoding_equals_recomputation_every_step(params: dict) -> None:
 
 
 def test_window_logits_past_context_equal_forward_on_last_ctx_tokens(params: dict) -> None:
-    from jaxgpt.sampling import _Plan
+    from jaxgpt.decoding import Plan
 
     ctx = CFG.context_length
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, CFG.vocab_size, (2, 32)).astype(np.int32)
     lens = np.asarray([25, 9], np.int32)  # one row past the context, one within it
-    plan = _Plan(CFG, 2, 8, ctx, 32, True, True, None, False, False, 1)
+    plan = Plan(CFG, 2, 8, ctx, 32, True, True, None, False, False, 1)
     window_logits = jax.jit(lambda t, n: _window_logits(params, plan, t, n))
     got = window_logits(jnp.asarray(tokens), jnp.asarray(lens))
     for r in range(2):

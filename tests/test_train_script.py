@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,14 @@ from jaxgpt import metrics
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
 
 
-def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def _run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=300
+        [sys.executable, str(SCRIPT), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -37,10 +43,11 @@ def _tiny(corpus: Path, out: Path, *extra: str) -> list[str]:
 
 def test_end_to_end_tiny_run_and_resume(tmp_path: Path, corpus: Path) -> None:
     out = tmp_path / "run"
-    done = _run(*_tiny(corpus, out, "--cache-dir", str(tmp_path / "cache")), cwd=tmp_path)
+    done = _run(*_tiny(corpus, out), cwd=tmp_path, env={"XDG_CACHE_HOME": str(tmp_path / "xdg")})
     assert done.returncode == 0, done.stderr
-    # The persistent compilation cache is on by default; the run ends with its time breakdown.
-    assert any((tmp_path / "cache" / "xla").iterdir())
+    # The persistent compilation cache is on by default, in the user's cache (XDG_CACHE_HOME);
+    # the run ends with its time breakdown.
+    assert any((tmp_path / "xdg" / "jaxgpt" / "xla").iterdir())
     assert "Wall time: compile" in done.stdout and ", train " in done.stdout
     assert "Training loss:" in done.stdout and "Ep 1 (Step 000000)" in done.stdout
     assert "Every effort moves you" in done.stdout  # the sample

@@ -52,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--cache-dir",
         default=os.environ.get("JAXGPT_CACHE"),
-        help="cache for named OpenAI models (env JAXGPT_CACHE; default ~/.cache/jaxgpt/openai)",
+        help="cache for named OpenAI models (env JAXGPT_CACHE; default "
+        "$XDG_CACHE_HOME/jaxgpt/openai, else ~/.cache/jaxgpt/openai)",
     )
     p.add_argument(
         "--base-url",

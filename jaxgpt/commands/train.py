@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 from jaxgpt.checkpoint import CONFIG_FILE, load_run_config
 from jaxgpt.cli import Parser
 from jaxgpt.config import ATTENTIONS, PRESETS, REMATS, GPTConfig, TrainConfig, get_preset
-from jaxgpt.host import enable_compile_cache, reuse_host_memory, trim_host_memory
+from jaxgpt.host import cache_dir, enable_compile_cache, reuse_host_memory, trim_host_memory
 from jaxgpt.runguard import CheckpointWriteError, NonFiniteError, SaveAborted, TrainingInterrupted
 from jaxgpt.train import fit
 
@@ -82,7 +82,8 @@ TRAIN_HELP = {
     "out": "run folder for config.json, metrics.jsonl, checkpoints/ and plots/",
     "checkpoint_every": "save a checkpoint every this many steps (and at the end)",
     "keep": "checkpoints to keep (the newest)",
-    "cache_dir": "where downloaded corpora are cached",
+    "cache_dir": "where downloaded corpora and compiled programs are cached; None: "
+    "$XDG_CACHE_HOME/jaxgpt, else ~/.cache/jaxgpt",
     "data_url": "base URL to download the-verdict.txt from",
     "compile_cache": "keep compiled programs in CACHE_DIR/xla so the next run does not compile "
     "again",
@@ -99,6 +100,23 @@ TRAIN_HELP = {
     "process for dead; the others stop with exit status 75 after a quarter of it",
     "skip_nonfinite": "skip up to N steps in a row whose loss or gradients are nan/inf "
     "(params stay unchanged), then stop; 0 stops at the first",
+    "init_from": "start from pretrained weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl "
+    "(downloaded once into CACHE_DIR/openai), an OpenAI or Hugging Face folder, a .safetensors "
+    "or the book's .pth file, a jaxgpt run folder or .npz; the model's shape comes from them "
+    "(--context-length may shorten it); optimizer fresh, step 0",
+    "trainable": "train only the parameters whose path matches this regex whole, e.g. "
+    "'(trf_blocks_11|final_norm|out_head)/.*'; the others stay frozen and get no optimizer "
+    "state (paths: see docs/finetuning.md)",
+    "tensorboard": "also write metrics.jsonl's rows as TensorBoard scalars (and the config as "
+    "text) into DIR; without DIR: tensorboard/ in the run folder (pip install "
+    "'jaxgpt[tensorboard]')",
+    "wandb": "also log metrics.jsonl's rows to this Weights & Biases project (config.json as "
+    "the run's config; WANDB_MODE=offline works offline) (pip install 'jaxgpt[wandb]')",
+}
+# Tracking flags take their own argparse shape; the help says what happens without them.
+TRACKING_ARGS = {
+    "tensorboard": {"nargs": "?", "const": "", "metavar": "DIR"},
+    "wandb": {"metavar": "PROJECT"},
 }
 
 
@@ -137,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
             )
         elif kind is bool:
             p.add_argument(_flag(f.name), action="store_true", help=TRAIN_HELP[f.name])
+        elif f.name in TRACKING_ARGS:
+            extra = TRACKING_ARGS[f.name]
+            p.add_argument(_flag(f.name), default=None, help=TRAIN_HELP[f.name], **extra)
         else:
             text = f"{TRAIN_HELP[f.name]} (default: {f.default})"
             p.add_argument(_flag(f.name), type=kind, default=f.default, help=text)
@@ -187,17 +208,23 @@ def _memory_size(text: str) -> int:
 
 
 def configs(
-    args: argparse.Namespace, saved: tuple[GPTConfig, TrainConfig] | None
+    args: argparse.Namespace,
+    saved: tuple[GPTConfig, TrainConfig] | None,
+    shape_from_weights: bool = False,
 ) -> tuple[GPTConfig, TrainConfig]:
-    """GPTConfig and TrainConfig from the flags, on top of a resumed run's saved settings."""
+    """GPTConfig and TrainConfig from the flags, on top of a resumed run's saved settings.
+
+    `shape_from_weights` (a fresh --init-from): the GPTConfig is the preset's as a stand-in
+    (`finetune.model_config` builds the real one from the weights); only --model is checked.
+    """
     if args.model:
         base = get_preset(args.model)
     else:
         base = saved[0] if saved else get_preset(DEFAULT_MODEL)
-    names = [*MODEL_FLAGS, *ACCEL_FLAGS, "scan_layers"]
-    model = base.replace(**{k: getattr(args, k) for k in names if getattr(args, k) is not None})
     train = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    return model, train
+    if shape_from_weights:
+        return base, train
+    return base.replace(**_given(args)), train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,25 +267,39 @@ def _signame(signum: int) -> str:
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.resume and args.init_from:
+        raise ValueError(
+            f"--init-from {args.init_from!r} starts a new run and --resume continues the one "
+            f"in --out {args.out!r} (its config.json names its source); pass only one of them"
+        )
     saved = None
     if args.resume and (Path(args.out) / CONFIG_FILE).is_file():
         # The run's own settings become the defaults; explicit flags still win.
         saved = load_run_config(args.out)
         parser.set_defaults(**saved[1].to_dict())
         args = parser.parse_args(argv)
-    model, train = configs(args, saved)  # validated here: before any process waits for others
+    fresh_finetune = args.init_from is not None and not args.resume
+    # Validated here: before any process waits for others (a fine-tune's shape comes later,
+    # from its weights, which JAX reads only once its distributed runtime is up).
+    model, train = configs(args, saved, shape_from_weights=fresh_finetune)
     if not args.plan and (args.plan_memory or args.plan_json):
         parser.error("--plan-memory and --plan-json go with --plan; add --plan")
     _init_distributed(args)  # before anything touches a device
     # Before the first computation starts XLA's threads.
     trim = train.reuse_host_memory and reuse_host_memory()
     if train.compile_cache:
-        enable_compile_cache(train.cache_dir)
+        enable_compile_cache(cache_dir(train.cache_dir))
+    source = None
+    if fresh_finetune:
+        from jaxgpt import finetune
+
+        cache = cache_dir(train.cache_dir) / "openai"
+        source = finetune.load_source(train.init_from, cache_dir=cache, n_heads=args.n_heads)
+        model = finetune.model_config(source, preset=args.model, **_given(args))
     if args.plan:
         return _plan(model, train, args.plan_memory, args.plan_json)
-    fit(
-        model, train, resume=args.resume, on_event=_trimming(_print_event) if trim else _print_event
-    )
+    on_event = _trimming(_print_event) if trim else _print_event
+    fit(model, train, resume=args.resume, on_event=on_event, source=source)
     return 0
 
 
@@ -284,6 +325,12 @@ def _plan(model: GPTConfig, train: TrainConfig, memory: int | None, json_path: s
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0
+
+
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    """The model flags given on the command line (GPTConfig fields)."""
+    names = [*MODEL_FLAGS, *ACCEL_FLAGS, "scan_layers"]
+    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
 
 
 def _init_distributed(args: argparse.Namespace) -> None:
@@ -322,6 +369,7 @@ def _print_event(name: str, e: dict[str, Any]) -> None:
             f"Validation tokens: {e['val_loader_tokens']}",
             f"Steps: {e['total_steps']} ({e['steps_per_epoch']} per epoch), from step "
             f"{e['step']}; run folder: {e['run_dir']}",
+            *_finetune_lines(e),
         ],
         "untrained": lambda: [
             f"Training loss: {e['train_loss']}",
@@ -340,6 +388,31 @@ def _print_event(name: str, e: dict[str, Any]) -> None:
     }[name]()
     for line in lines:
         tqdm.write(line)
+
+
+def _finetune_lines(e: dict[str, Any]) -> list[str]:
+    """The start lines of a fine-tune: its source, and what freezing trains and saves."""
+    lines = []
+    if e.get("init_from"):
+        s = e["init_from"]
+        lines.append(
+            f"Initialised from {s['source']} ({s['format']}, fingerprint {s['fingerprint']})"
+        )
+    if e.get("opt_saved_bytes"):
+        lines.append(
+            f"Trainable parameters: {e['trainable_params']:,} of {e['params']:,}; optimizer "
+            f"state {_size(e['opt_state_bytes'])} ({_size(e['opt_saved_bytes'])} saved by "
+            "freezing)"
+        )
+    return lines
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if nbytes < 1024:
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.2f} GiB"
 
 
 def cli(argv: list[str] | None = None) -> NoReturn:

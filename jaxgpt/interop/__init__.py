@@ -93,7 +93,8 @@ def load(
         GPT-2 size): a GPTConfig (taken whole; its shape fields must agree with the file), a
         preset name (its n_heads), or a dict of field overrides such as {"n_heads": 4}.
       format: skip detection ("openai", "hf", "book", "jaxgpt").
-      cache_dir: cache root for named OpenAI models (default ~/.cache/jaxgpt/openai).
+      cache_dir: cache root for named OpenAI models (default $XDG_CACHE_HOME/jaxgpt/openai, else
+        ~/.cache/jaxgpt/openai).
       base_url: where named OpenAI models are downloaded from.
       verify: check TF checkpoint CRC-32C checksums.
       progress: show download progress bars.

@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from jaxgpt import host
 from jaxgpt.interop.openai import REQUIRED_FILES
 
 logger = logging.getLogger(__name__)
@@ -21,7 +22,6 @@ logger = logging.getLogger(__name__)
 # The location the book's gpt_download.py (ch. 5) reads from.
 OPENAI_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 OPENAI_SIZES = {"gpt2": "124M", "gpt2-medium": "355M", "gpt2-large": "774M", "gpt2-xl": "1558M"}
-DEFAULT_CACHE_DIR = Path("~/.cache/jaxgpt/openai")
 _CHUNK = 1 << 20
 
 
@@ -29,8 +29,8 @@ def model_folder(name: str, cache_dir: str | Path | None = None) -> Path:
     """Cache folder of a named OpenAI model: `<cache_dir>/<size>`, e.g. `.../124M`."""
     if name not in OPENAI_SIZES:
         raise ValueError(f"unknown OpenAI model {name!r}; choose one of {list(OPENAI_SIZES)}")
-    root = DEFAULT_CACHE_DIR if cache_dir is None else Path(cache_dir)
-    return root.expanduser() / OPENAI_SIZES[name]
+    root = host.cache_dir() / "openai" if cache_dir is None else Path(cache_dir).expanduser()
+    return root / OPENAI_SIZES[name]
 
 
 def _remote_total(response: Any) -> int | None:
@@ -98,8 +98,9 @@ def fetch_openai(
 
     Args:
       name: "gpt2", "gpt2-medium", "gpt2-large" or "gpt2-xl".
-      cache_dir: root of the cache (default `~/.cache/jaxgpt/openai`); the model goes in
-        `<cache_dir>/<size>` (124M, 355M, 774M, 1558M), as in the book's `models_dir`.
+      cache_dir: root of the cache (default `$XDG_CACHE_HOME/jaxgpt/openai`, else
+        `~/.cache/jaxgpt/openai`); the model goes in `<cache_dir>/<size>` (124M, 355M, 774M,
+        1558M), as in the book's `models_dir`.
       base_url: where `<size>/<file>` is served (OpenAI's public bucket by default).
       files: which files to fetch (those needed to load the weights by default).
       progress: show a progress bar per file.

@@ -8,6 +8,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from parity.parity_refs import randomize_
 
 import jaxgpt.interop as interop
 from jaxgpt.config import GPTConfig
@@ -23,7 +24,7 @@ IDS = np.random.default_rng(0).integers(0, 97, (2, 12))
 
 def _book_model(qkv_bias: bool = False, seed: int = 0, **kw: int):  # noqa: ANN202
     torch.manual_seed(seed)
-    return ch04.GPTModel({**BOOK, "qkv_bias": qkv_bias, **kw}).eval()
+    return randomize_(ch04.GPTModel({**BOOK, "qkv_bias": qkv_bias, **kw}).eval(), seed)
 
 
 def _torch_logits(model) -> np.ndarray:  # noqa: ANN001

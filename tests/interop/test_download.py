@@ -122,6 +122,33 @@ def test_offline_error_names_the_folder(tmp_path: Path) -> None:
         )
 
 
+def test_cache_follows_xdg_cache_home(
+    server: Served, openai_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from jaxgpt.commands.convert import main
+
+    monkeypatch.delenv("JAXGPT_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    _, url = server
+    out = str(tmp_path / "p.npz")
+    assert main(["--from", "openai", "gpt2", "--base-url", url, "--to", "jaxgpt", out]) == 0
+    assert _same_files(tmp_path / "xdg" / "jaxgpt" / "openai" / "124M", openai_dir)
+
+
+def test_cache_home_rule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from jaxgpt.host import cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert cache_dir() == tmp_path / "x" / "jaxgpt"
+    assert cache_dir("~/elsewhere") == tmp_path / "elsewhere"  # given: used, ~ expanded
+    for unusable in ("", "relative/path"):  # the XDG rule: unset, empty or relative -> ~/.cache
+        monkeypatch.setenv("XDG_CACHE_HOME", unusable)
+        assert cache_dir() == tmp_path / ".cache" / "jaxgpt"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert cache_dir() == tmp_path / ".cache" / "jaxgpt"
+
+
 def test_unknown_name() -> None:
     with pytest.raises(FileNotFoundError, match="gpt3"):
         interop.load("gpt3")

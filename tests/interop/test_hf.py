@@ -9,6 +9,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from parity.parity_refs import randomize_
 
 import jaxgpt.interop as interop
 from jaxgpt.config import GPTConfig
@@ -28,11 +29,7 @@ def _hf_model(tie: bool = True, seed: int = 0):  # noqa: ANN202 (transformers ty
         embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tie, bos_token_id=None,
         eos_token_id=None,
     )  # fmt: skip
-    model = transformers.GPT2LMHeadModel(cfg).eval()
-    with torch.no_grad():  # HF inits biases to 0 and LayerNorms to 1/0: make every value count
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
+    return randomize_(transformers.GPT2LMHeadModel(cfg).eval(), seed)
 
 
 def _hf_logits(model) -> np.ndarray:  # noqa: ANN001

@@ -12,13 +12,28 @@ from jaxgpt.config import GPTConfig
 torch = pytest.importorskip("torch")
 
 
+def randomize_(model: Any, seed: int, scale: float = 0.1) -> Any:
+    """Add seeded N(0, scale^2) noise to every parameter of a torch module, in place.
+
+    Fresh models start LayerNorm scales at 1 and shifts at 0 (HF also biases at 0), where a
+    converter that swaps two norms or drops a bias computes the same logits; after this every
+    value counts. Returns the model."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model
+
+
 def book_model(cfg: GPTConfig, seed: int = 0) -> Any:
-    """`llms_from_scratch.ch04.GPTModel` with torch's default init under `seed`, eval mode."""
+    """`llms_from_scratch.ch04.GPTModel` (no dropout, eval mode): torch's default init under
+    `seed`, then every parameter randomised (`randomize_`)."""
     from llms_from_scratch.ch04 import GPTModel
 
     torch.manual_seed(seed)
     keys = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias")
-    return GPTModel({**{k: getattr(cfg, k) for k in keys}, "drop_rate": 0.0}).eval()
+    model = GPTModel({**{k: getattr(cfg, k) for k in keys}, "drop_rate": 0.0}).eval()
+    return randomize_(model, seed)
 
 
 def hf_model(cfg: GPTConfig, seed: int = 0) -> Any:
@@ -32,11 +47,7 @@ def hf_model(cfg: GPTConfig, seed: int = 0) -> Any:
         attn_pdrop=0.0, tie_word_embeddings=cfg.tie_embeddings, bos_token_id=None,
         eos_token_id=None,
     )  # fmt: skip
-    model = transformers.GPT2LMHeadModel(hf_cfg).eval()
-    with torch.no_grad():  # HF starts biases at 0 and LayerNorms at 1/0: perturb everything
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model
+    return randomize_(transformers.GPT2LMHeadModel(hf_cfg).eval(), seed)
 
 
 def random_ids(cfg: GPTConfig, shape: tuple[int, int], seed: int = 0) -> np.ndarray:
