@@ -82,10 +82,13 @@ def _train_cmd(args: argparse.Namespace, cache: Path, out: Path, *extra: str) ->
 
 
 def run_jaxgpt(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """One run of train.py; "warm" takes the cache the "default" run filled, if it ran."""
     flags, cache_state = RUNS[name]
     cache = tmp / f"cache-{name}"
     limit = args.kill_above * 2**30
-    if cache_state == "warm":  # a first run fills the cache (and tokenises the corpus)
+    if cache_state == "warm" and (tmp / "cache-default").exists():
+        cache = tmp / "cache-default"
+    elif cache_state == "warm":  # a first run fills the cache (and tokenises the corpus)
         measure(_train_cmd(args, cache, tmp / f"fill-{name}", *flags), limit)
     return measure(_train_cmd(args, cache, tmp / f"run-{name}", *flags), limit)
 

@@ -289,7 +289,7 @@ def host_memory(results: Path) -> str:
     d = _load(results, "memory.json")
     what = {
         "default": "jaxgpt `train.py`, first run (empty compilation cache)",
-        "warm": "jaxgpt `train.py`, warm compilation cache",
+        "warm": "jaxgpt `train.py` again, from the first run's compilation cache",
         "no-reuse": "jaxgpt `train.py --no-reuse-host-memory`, first run",
         "torch": "the book's PyTorch step (`GPTModel` + AdamW)",
     }
@@ -343,6 +343,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "mesh": mesh,
     "accel-cpu": accel_cpu,
     "plan": plan,
+    "host-memory": host_memory,
 }
 
 

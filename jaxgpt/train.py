@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import jax
 
-from jaxgpt import checkpoint, data, metrics, parallel, sampling, tokenizer
+from jaxgpt import checkpoint, data, host, metrics, parallel, sampling, tokenizer
 from jaxgpt.config import GPTConfig, TrainConfig
 from jaxgpt.finetune import Source
 from jaxgpt.model import Params
@@ -197,6 +197,7 @@ def _train_loop(
     On CPU one step at a time: XLA:CPU allocates a step's buffers when it is dispatched, so a
     step queued behind a running one holds a second set (gpt2, batch 2: 2 x 7.4 GiB). The
     wait comes after the next batch is cut; it cost the `small` step nothing measurable.
+    Then the free host heap is bounded (`host.trim_between_steps`, under reuse_host_memory).
     """
     tc, config = run.tc, run.config
     one_at_a_time = jax.default_backend() == "cpu"
@@ -217,6 +218,7 @@ def _train_loop(
                     batch = run.put(batch, rows_only=True)
                     if one_at_a_time and m is not None:
                         jax.block_until_ready(m)
+                        host.trim_between_steps()
                     state, m = train_step(state, batch)
                     step += 1
                     done = _finish(queued)  # the previous step, while this one is queued
