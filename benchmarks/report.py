@@ -344,6 +344,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "accel-cpu": accel_cpu,
     "plan": plan,
     "host-memory": host_memory,
+    "mesh-fsdp": lambda results: _mesh(results, "mesh_fsdp.json"),
 }
 
 
