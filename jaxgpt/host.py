@@ -5,6 +5,7 @@ memory."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -116,8 +117,10 @@ class _MallInfo2(ctypes.Structure):
         "fordblks", "keepcost")]  # fmt: skip
 
 
+@functools.cache
 def _glibc() -> Any:
-    """The C library through ctypes when it is glibc on Linux; else None."""
+    """The C library through ctypes when it is glibc on Linux; else None. Looked up once
+    (`find_library` runs ldconfig): `trim_between_steps` asks every step."""
     import ctypes.util
     import platform
 
