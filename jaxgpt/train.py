@@ -196,8 +196,9 @@ def _train_loop(
 
     On CPU one step at a time: XLA:CPU allocates a step's buffers when it is dispatched, so a
     step queued behind a running one holds a second set (gpt2, batch 2: 2 x 7.4 GiB). The
-    wait comes after the next batch is cut; it cost the `small` step nothing measurable.
-    Then the free host heap is bounded (`host.trim_between_steps`, under reuse_host_memory).
+    wait (for the state: the metrics are ready before the step has freed its buffers) comes
+    after the next batch is cut; it cost the `small` step nothing measurable. Then the free
+    host heap is bounded (`host.trim_between_steps`, under reuse_host_memory).
     """
     tc, config = run.tc, run.config
     one_at_a_time = jax.default_backend() == "cpu"
@@ -216,8 +217,8 @@ def _train_loop(
             ):  # fmt: skip
                 with timer.phase("train"):
                     batch = run.put(batch, rows_only=True)
-                    if one_at_a_time and m is not None:
-                        jax.block_until_ready(m)
+                    if one_at_a_time and m is not None:  # the state: ready after the metrics
+                        jax.block_until_ready(state)  # and once the step freed its buffers
                         host.trim_between_steps()
                     state, m = train_step(state, batch)
                     step += 1
