@@ -2,9 +2,10 @@
 
 One device: `make_train_step` unsharded (host batches passed as they are, as `fit` does)
 against `--mesh data=1` (state placed with shardings, batches through `put_batch`).
-Simulated devices (`--devices N`, each in its own process): `data=N` against `data=1` in
-that process; on a 2-core CPU no speed-up is possible, so this shows the machinery's
-overhead. Repeats alternate the variants.
+Simulated devices (`--devices N`, each in its own process): `data=N`, `fsdp=N` (parameters
+gathered block by block) and, for N = 8, `data=2,fsdp=4` against `data=1` in that process; on
+a 2-core CPU no speed-up is possible, so this shows the machinery's (and FSDP's
+collectives') overhead. Repeats alternate the variants.
 
     python benchmarks/bench_mesh.py                        # small, batch 8: 1, 2 and 8 devices
     python benchmarks/bench_mesh.py --devices 8 --child    # one process's figures only
@@ -72,13 +73,15 @@ def _child(devices: int, args: argparse.Namespace) -> dict:
     import jax
 
     jax.config.update("jax_num_cpu_devices", devices)
-    meshes = [None, "data=1"] if devices == 1 else ["data=1", f"data={devices}"]
+    meshes = [None, "data=1"] if devices == 1 else ["data=1", f"data={devices}", f"fsdp={devices}"]
+    meshes += ["data=2,fsdp=4"] if devices == 8 else []
     res = measure(args.model, args.batch_size, meshes, args.steps, args.repeats)
     base = res[str(meshes[0])]["median_s"]
-    other = res[str(meshes[1])]["median_s"]
+    ratios = {str(m): res[str(m)]["median_s"] / base for m in meshes[1:]}
     return {
         "devices": devices, "compare": [str(m) for m in meshes], "results": res,
-        "ratio_median": other / base, "device_kind": jax.devices()[0].device_kind,
+        "ratio_median": ratios[str(meshes[1])], "ratios_median": ratios,
+        "device_kind": jax.devices()[0].device_kind,
     }  # fmt: skip
 
 
@@ -102,7 +105,7 @@ def main() -> None:
                "--repeats", str(args.repeats)]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(done.stdout.split("RESULT ", 1)[1]))
-        print(json.dumps({k: rows[-1][k] for k in ("devices", "compare", "ratio_median")}))
+        print(json.dumps({k: rows[-1][k] for k in ("devices", "compare", "ratios_median")}))
     sys.path.insert(0, str(Path(__file__).parent))
     from machine import machine
 

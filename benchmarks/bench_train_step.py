@@ -30,12 +30,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from gpu_step import flops_per_token, matmul_params, peak_flops  # one FLOP count, one peak table
+from book_step import make_torch  # the book's PyTorch step (no JAX in its module)
+from gpu_step import peak_flops  # one peak table
 from machine import machine  # benchmarks/machine.py (run as a script: its folder is on sys.path)
 
 from jaxgpt.config import GPTConfig, TrainConfig, get_preset
 from jaxgpt.host import reuse_host_memory
 from jaxgpt.optim import make_optimizer
+from jaxgpt.plan import flops_per_token, matmul_params  # one FLOP count
 from jaxgpt.step import init_train_state, make_train_step
 
 DEFAULT_CONFIGS = ("small:8", "book-124m:2")
@@ -88,31 +90,6 @@ def make_jax(cfg: GPTConfig, batch: int, seq: int) -> tuple[Callable[[], None], 
         m["loss"].block_until_ready()
 
     return run, info
-
-
-def make_torch(cfg: GPTConfig, batch: int, seq: int, *, fused: bool, compile_model: bool):
-    """The book's PyTorch step (ch. 5 `train_model_simple` body) on random tokens."""
-    import torch
-    from llms_from_scratch.ch04 import GPTModel
-
-    torch.manual_seed(123)
-    keys = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate")
-    model = GPTModel({**{k: getattr(cfg, k) for k in keys}, "qkv_bias": cfg.qkv_bias})
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1, fused=fused or None)
-    forward = torch.compile(model) if compile_model else model
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
-    y = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
-
-    def run() -> None:
-        opt.zero_grad()
-        logits = forward(x)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
-        loss.backward()
-        opt.step()
-
-    return run
 
 
 def bench_config(

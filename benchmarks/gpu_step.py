@@ -28,6 +28,7 @@ from machine import machine  # benchmarks/machine.py (run as a script: its folde
 
 from jaxgpt.config import GPTConfig, TrainConfig, get_preset
 from jaxgpt.optim import make_optimizer
+from jaxgpt.plan import flops_per_token
 from jaxgpt.step import init_train_state, make_train_step
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu_step.json"
@@ -58,24 +59,6 @@ def peak_flops(device_kind: str) -> float | None:
         if name in device_kind:
             return flops
     return None
-
-
-def matmul_params(cfg: GPTConfig) -> int:
-    """N: weights in matmuls, 12 e^2 per block plus the e x vocab head (padded vocab counted)."""
-    vocab = getattr(cfg, "padded_vocab", cfg.vocab_size)
-    return 12 * cfg.n_layers * cfg.emb_dim**2 + cfg.emb_dim * vocab
-
-
-def flops_per_token(cfg: GPTConfig, seq: int) -> dict[str, float]:
-    """Model FLOPs per trained token, forward + backward, in both conventions.
-
-    N = parameters that take part in matmuls (12 e^2 per block, plus the e x vocab head).
-    nanoGPT/PaLM: 6 N + 12 L e T (attention scores and context, full square).
-    llm.c/MaxText: 6 N + 6 L e T (causal: only the lower triangle is useful work).
-    """
-    n = matmul_params(cfg)
-    attn = cfg.n_layers * cfg.emb_dim * seq
-    return {"nanogpt": 6.0 * n + 12.0 * attn, "causal": 6.0 * n + 6.0 * attn}
 
 
 def base_config(model: str) -> GPTConfig:

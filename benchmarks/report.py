@@ -204,16 +204,18 @@ def prepare(results: Path) -> str:
 def _mesh(results: Path, name: str) -> str:
     d = _load(results, name)
     rows = []
+    label = lambda m: "unsharded step" if m == "None" else f"`--mesh {m}`"  # noqa: E731
     for r in d["runs"]:
-        a, b = r["compare"]
-        label = lambda m: "unsharded step" if m == "None" else f"`--mesh {m}`"  # noqa: E731
-        ra, rb = r["results"][a], r["results"][b]
-        rows.append([
-            str(r["devices"]) + (" (simulated)" if r["devices"] > 1 else ""),
-            f"{label(a)} vs {label(b)}",
-            f"{ra['median_s']:.3f} vs {rb['median_s']:.3f}",
-            f"{r['ratio_median']:.2f}",
-        ])  # fmt: skip
+        a, *others = r["compare"]
+        ratios = r.get("ratios_median", {others[0]: r["ratio_median"]})
+        for b in others:
+            ra, rb = r["results"][a], r["results"][b]
+            rows.append([
+                str(r["devices"]) + (" (simulated)" if r["devices"] > 1 else ""),
+                f"{label(a)} vs {label(b)}",
+                f"{ra['median_s']:.3f} vs {rb['median_s']:.3f}",
+                f"{ratios[b]:.2f}",
+            ])  # fmt: skip
     header = ["devices", "compared", "median s/step", "ratio"]
     note = (
         f"`{d['model']}`, batch {d['batch_size']}; median of {d['repeats']} repeats of "
@@ -308,6 +310,55 @@ def scan_line(results: Path) -> str:
     return _section(d, "scan_line.json", [_table(header, rows)], note)
 
 
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def plan(results: Path) -> str:
+    """bench_plan.py: the planner's per-device memory of big models on simulated devices."""
+    d = _load(results, "plan.json")
+    rows = []
+    for r in d["plans"]:
+        b = r["per_device_bytes"]
+        mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)
+        rows.append([
+            f"`{r['model']}`", f"`{mesh}`", _gib(b["params"]), _gib(b["opt_state"]),
+            _gib(b["arguments"]), _gib(b["temporaries"]), _gib(b["peak"]),
+            f"{r['peak_over_first']:.0%}",
+        ])  # fmt: skip
+    header = ["model", "mesh", "params GiB", "optimizer GiB", "arguments GiB",
+              "temporaries GiB", "peak GiB", "peak vs data"]  # fmt: skip
+    flags = " ".join(d["plans"][0]["flags"])
+    note = (
+        f"Per device, `{flags}`, batch {d['batch_size']} x 1024, {d['devices']} simulated CPU "
+        "devices; XLA's memory analysis of one device's train step (peak = arguments + "
+        "temporaries + outputs not aliased to an argument)."
+    )
+    return _section(d, "plan.json", [_table(header, rows)], note)
+
+
+def host_memory(results: Path) -> str:
+    """bench_memory.py: peak RSS of jaxgpt's first run and the book's PyTorch step."""
+    d = _load(results, "memory.json")
+    what = {
+        "default": "jaxgpt `train.py`, first run (empty compilation cache)",
+        "warm": "jaxgpt `train.py` again, from the first run's compilation cache",
+        "no-reuse": "jaxgpt `train.py --no-reuse-host-memory`, first run",
+        "torch": "the book's PyTorch step (`GPTModel` + AdamW)",
+    }
+    rows = [
+        [what[k], f"{v:.2f}", f"{d['ratio_to_torch'][k]:.2f}",
+         f"{d['rss_over_plan_peak'][k]:.2f}" if k in d["rss_over_plan_peak"] else "-"]
+        for k, v in d["peak_rss_gib"].items()
+    ]  # fmt: skip
+    header = ["process", "peak RSS GiB", "vs PyTorch", "vs the plan's peak"]
+    note = (
+        f"`{d['model']}`, batch {d['batch_size']} x 1024, {d['steps']} steps, each in a fresh "
+        f"process, one at a time. The planner's one-device peak: {d['plan_peak_gib']:.2f} GiB."
+    )
+    return _section(d, "memory.json", [_table(header, rows)], note)
+
+
 def headline(results: Path) -> str:
     """The README's few figures, each with its machine and a link to its full table."""
     step = {c["config"]: c for c in _load(results, "train_step.json")["configs"]}
@@ -346,6 +397,9 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "accel-cpu": accel_cpu,
     "startup": startup,
     "scan-line": scan_line,
+    "plan": plan,
+    "host-memory": host_memory,
+    "mesh-fsdp": lambda results: _mesh(results, "mesh_fsdp.json"),
 }
 
 

@@ -277,6 +277,7 @@ class TransformerBlock(nn.Module):
     """
 
     config: GPTConfig
+    fsdp: Any = None  # `jaxgpt.parallel.FSDP` on a mesh with an fsdp axis; None: one device
 
     def setup(self) -> None:
         cfg = self.config
@@ -296,32 +297,47 @@ class TransformerBlock(nn.Module):
         key: jax.Array | None = None,  # this layer's dropout key; None when deterministic
     ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         k_att, k_res1, k_res2 = (None,) * 3 if key is None else jax.random.split(key, 3)
+        x = x if self.fsdp is None else self.fsdp.batch(x)
         a, kv = self.att(self.norm1(x), positions, kv, deterministic, k_att)
         x = x + self.drop_resid(a, deterministic=deterministic, rng=k_res1)
         x = x + self.drop_resid(self.ff(self.norm2(x)), deterministic=deterministic, rng=k_res2)
-        return x, kv
+        return (x if self.fsdp is None else self.fsdp.batch(x)), kv
 
 
-def _block_class(cfg: GPTConfig) -> type[TransformerBlock]:
-    """TransformerBlock, wrapped in nn.remat with the config's policy when asked."""
-    if cfg.remat == "none":
-        return TransformerBlock
+def _block_class(cfg: GPTConfig, fsdp: Any) -> type[TransformerBlock]:
+    """TransformerBlock, with its parameters gathered on entry under FSDP, wrapped in nn.remat
+    with the config's policy when asked (and under FSDP always: see `_keep_all_but_gathered`)."""
+    block = TransformerBlock
+    if fsdp is not None:
+        block = nn.map_variables(block, "params", trans_in_fn=fsdp.gather)
+    if cfg.remat == "none" and fsdp is None:
+        return block
     policies = jax.checkpoint_policies
-    if cfg.remat == "block":
-        policy = policies.nothing_saveable
-    else:
-        policy = policies.dots_with_no_batch_dims_saveable
+    policy = {
+        "none": _keep_all_but_gathered,
+        "block": policies.nothing_saveable,
+        "dots": policies.dots_with_no_batch_dims_saveable,
+    }[cfg.remat]
     # static_argnums counts `self` as 0: `deterministic` (argument 4) is a Python bool.
     # Inside nn.scan the loop already keeps XLA from merging the recomputation away.
-    return nn.remat(
-        TransformerBlock, static_argnums=(4,), policy=policy, prevent_cse=not cfg.scan_layers
-    )
+    return nn.remat(block, static_argnums=(4,), policy=policy, prevent_cse=not cfg.scan_layers)
+
+
+def _keep_all_but_gathered(prim: Any, *_: Any, **__: Any) -> bool:
+    """Remat policy of FSDP without remat: keep every activation for the backward pass, but
+    not the block's gathered parameters (sharding constraints' outputs): the backward pass
+    gathers them again, as PyTorch's FSDP does, instead of every layer's whole parameters
+    living from the forward to the backward pass. (`block` and `dots` keep none either.)"""
+    return prim.name != "sharding_constraint"
 
 
 class GPT(nn.Module):
     """GPT-2 language model returning logits (batch, seq, vocab_size)."""
 
     config: GPTConfig
+    # `jaxgpt.parallel.FSDP` when training on a mesh with an fsdp axis: the blocks gather
+    # their sharded parameters one at a time. None (the default): plain arrays.
+    fsdp: Any = None
 
     def setup(self) -> None:
         cfg = self.config
@@ -331,7 +347,7 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embed(cfg.padded_vocab, cfg.emb_dim, **embed)
         self.pos_emb = nn.Embed(cfg.context_length, cfg.emb_dim, **embed)
         self.drop_emb = nn.Dropout(cfg.drop_rate)
-        block = _block_class(cfg)
+        block = _block_class(cfg, self.fsdp)
         if cfg.scan_layers:
             # One block body scanned over a leading layer axis of every block param.
             # Broadcast: positions, kv (None), deterministic; scanned: the layers' dropout keys.
@@ -341,10 +357,13 @@ class GPT(nn.Module):
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
                 length=cfg.n_layers,
-            )(cfg)
+            )(cfg, self.fsdp)
         else:
-            self.trf_blocks = [block(cfg) for _ in range(cfg.n_layers)]
-        self.final_norm = LayerNorm(param_dtype=pdt)
+            self.trf_blocks = [block(cfg, self.fsdp) for _ in range(cfg.n_layers)]
+        norm = LayerNorm
+        if self.fsdp is not None:
+            norm = nn.map_variables(LayerNorm, "params", trans_in_fn=self.fsdp.gather)
+        self.final_norm = norm(param_dtype=pdt)
         if not cfg.tie_embeddings:
             self.out_head = _dense(cfg, cfg.emb_dim, cfg.padded_vocab, use_bias=False)
 
@@ -400,7 +419,7 @@ class GPT(nn.Module):
     def _forward(
         self, ids: jax.Array, positions: jax.Array, cache: Cache | None, deterministic: bool
     ) -> tuple[jax.Array, Cache | None]:
-        x = self.tok_emb(ids) + self.pos_emb(positions)  # (batch, seq, emb)
+        x = self._embed(self.tok_emb, ids) + self._embed(self.pos_emb, positions)  # (b, s, emb)
         x = self.drop_emb(x, deterministic=deterministic)
         n = self.config.n_layers
         # One dropout key per layer, the same in both layouts: (layers,) typed keys.
@@ -413,6 +432,12 @@ class GPT(nn.Module):
             x, kv = block(x, positions, kv, deterministic, None if keys is None else keys[i])
             new_cache.append(kv)
         return self.final_norm(x), (None if cache is None else new_cache)
+
+    def _embed(self, table: nn.Embed, ids: jax.Array) -> jax.Array:
+        """table(ids); under FSDP each device looks up its own shard (`parallel.FSDP.embed`)."""
+        if self.fsdp is None:
+            return table(ids)
+        return self.fsdp.embed(table.embedding.astype(table.dtype), ids)
 
     def _head(self, x: jax.Array) -> jax.Array:
         """(batch, seq, emb) -> logits (batch, seq, vocab), one 2-D matmul over the tokens.

@@ -8,12 +8,14 @@ shards parameters and optimizer state along their largest divisible dimension.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -28,6 +30,7 @@ MIN_SHARD_SIZE = 2**10
 # Seconds without a heartbeat before JAX's coordination service declares a process dead
 # (JAX's own default; TrainConfig.heartbeat_timeout, `--heartbeat-timeout`, changes it).
 HEARTBEAT_TIMEOUT = 100
+STACKED = "trf_blocks"  # the scanned blocks' params: every leaf (layers, ...)
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
@@ -70,14 +73,21 @@ def make_mesh(spec: str | None, devices: list[Any] | None = None) -> Mesh:
     return jax.make_mesh(shape, AXES, (AxisType.Auto,) * len(AXES), devices=devices[:n])
 
 
-def batch_size_check(mesh: Mesh, batch_size: int) -> None:
-    """Raise when the global batch does not split evenly over the batch axes."""
+def batch_size_check(mesh: Mesh, batch_size: int, grad_accum: int = 1) -> None:
+    """Raise when the global batch (or each of its `grad_accum` micro-batches) does not split
+    evenly over the batch axes."""
     ways = batch_ways(mesh)
     if batch_size % ways:
         raise ValueError(
             f"batch_size={batch_size} does not split over {ways} devices (mesh "
             f"{dict(mesh.shape)}); use a batch size that is a multiple of {ways} or a "
             "smaller --mesh (e.g. --mesh data=1)"
+        )
+    if (batch_size // grad_accum) % ways:
+        raise ValueError(
+            f"batch_size={batch_size} / grad_accum={grad_accum} = {batch_size // grad_accum} "
+            f"rows per micro-batch do not split over {ways} devices (mesh {dict(mesh.shape)}); "
+            f"use a batch size that is a multiple of {ways * grad_accum} or a smaller --grad-accum"
         )
 
 
@@ -86,11 +96,18 @@ def batch_ways(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def leaf_spec(shape: tuple[int, ...], fsdp: int, min_size: int = MIN_SHARD_SIZE) -> P:
+def leaf_spec(
+    shape: tuple[int, ...], fsdp: int, min_size: int = MIN_SHARD_SIZE, *, stacked: bool = False
+) -> P:
     """FSDP spec of one leaf: `fsdp` on its largest dimension divisible by the axis size.
 
-    Replicated when `fsdp == 1`, the leaf is small, or no dimension divides.
+    Replicated when `fsdp == 1`, the leaf is small, or no dimension divides. A `stacked` leaf
+    (scanned layers, (layers, ...)) never shards its layer axis: each layer gets the spec of
+    the unrolled leaf, so the scan body gathers one layer at a time.
     """
+    if stacked:
+        layer = leaf_spec(shape[1:], fsdp, min_size)
+        return P(None, *layer) if layer != P() else P()
     if fsdp == 1 or math.prod(shape) < min_size:
         return P()
     dims = [d for d in np.argsort(shape, kind="stable")[::-1] if shape[d] % fsdp == 0]
@@ -101,15 +118,24 @@ def leaf_spec(shape: tuple[int, ...], fsdp: int, min_size: int = MIN_SHARD_SIZE)
     return P(*spec)
 
 
+def is_stacked(path: tuple[Any, ...]) -> bool:
+    """Whether a key path leads into scanned blocks (`trf_blocks/...`, a leading layer axis)."""
+    return any(getattr(k, "key", None) == STACKED for k in path)
+
+
 def tree_shardings(tree: Any, mesh: Mesh, min_size: int = MIN_SHARD_SIZE) -> Any:
     """NamedShardings for a pytree of arrays or ShapeDtypeStructs (params, optimizer state).
 
-    The rule depends on the shape only, so AdamW's moments shard exactly as their params.
+    The rule depends on the shape (and on being a stacked layer leaf) only, so AdamW's
+    moments shard exactly as their params.
     """
     fsdp = mesh.shape["fsdp"]
-    return jax.tree.map(
-        lambda x: NamedSharding(mesh, leaf_spec(tuple(x.shape), fsdp, min_size)), tree
-    )
+
+    def one(path: tuple[Any, ...], x: Any) -> NamedSharding:
+        spec = leaf_spec(tuple(x.shape), fsdp, min_size, stacked=is_stacked(path))
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -120,6 +146,90 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Batch rows split over `data` x `fsdp`; the sequence dimension whole."""
     return NamedSharding(mesh, P(BATCH_AXES, None))
+
+
+@dataclasses.dataclass(frozen=True)
+class FSDP:
+    """What the model does with its parameters and activations on a mesh with an `fsdp` axis.
+
+    Parameters rest sharded (`leaf_spec`). `gather` brings a subtree whole just before it is
+    used (one block's, inside the scan body or per unrolled block) and, in the backward pass,
+    constrains its gradient back to the shard: XLA emits an all-gather forward and a
+    reduce-scatter backward, per block, so no device ever holds the whole model or its whole
+    gradient. `batch` pins an activation to the batch axes, so XLA:SPMD never mixes batch-
+    and feature-sharded activations (it then falls back to "involuntary full
+    rematerialization" of whole arrays).
+    """
+
+    mesh: Mesh
+    min_size: int = MIN_SHARD_SIZE
+
+    def gather(self, tree: Any) -> Any:
+        """Every leaf of `tree` (unstacked shapes) whole on every device; gradients sharded."""
+        whole = replicated(self.mesh)
+        fsdp = self.mesh.shape["fsdp"]
+
+        def one(x: jax.Array) -> jax.Array:
+            spec = leaf_spec(tuple(x.shape), fsdp, self.min_size)
+            if spec == P():
+                return x  # small or indivisible: replicated at rest already
+            return _gather(x, whole, NamedSharding(self.mesh, spec))
+
+        return jax.tree.map(one, tree)
+
+    def embed(self, table: jax.Array, ids: jax.Array) -> jax.Array:
+        """Rows `ids` (batch, seq) of a sharded `table` (vocab, emb) -> (batch, seq, emb), rows
+        split over the batch axes, without gathering the table (nor, backward, summing a
+        whole-table gradient): each device looks its ids up in its own shard."""
+        spec = leaf_spec(tuple(table.shape), self.mesh.shape["fsdp"], self.min_size)
+        if spec == P():
+            return self.batch(jnp.take(table, ids, axis=0))
+        body = _rows_of_emb_shard if spec == P(None, "fsdp") else _rows_of_vocab_shard
+        batch = P(BATCH_AXES)
+        return jax.shard_map(body, mesh=self.mesh, in_specs=(spec, batch), out_specs=batch)(
+            table, ids
+        )
+
+    def batch(self, x: jax.Array, axis: int = 0) -> jax.Array:
+        """`x` with its dimension `axis` (the rows) split over the batch axes, the rest whole."""
+        spec = [None] * x.ndim
+        spec[axis] = BATCH_AXES
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(*spec)))
+
+
+def _rows_of_emb_shard(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """shard_map body: table (vocab, emb/f), ids (rows, seq) -> (rows, seq, emb).
+
+    Every id of the fsdp group is looked up in this device's columns, then an all-to-all
+    trades columns for rows (the fsdp group's rows are gathered in the order they are split).
+    """
+    group_ids = jax.lax.all_gather(ids, "fsdp", axis=0, tiled=True)  # (f rows, seq)
+    cols = jnp.take(table, group_ids, axis=0)  # (f rows, seq, emb/f)
+    return jax.lax.all_to_all(cols, "fsdp", split_axis=0, concat_axis=2, tiled=True)
+
+
+def _rows_of_vocab_shard(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """shard_map body: table (vocab/f, emb), ids (rows, seq) -> (rows, seq, emb).
+
+    Every id of the fsdp group is looked up where this device holds its row (zeros
+    elsewhere); summing over the group (reduce-scatter) adds one row to zeros: exact.
+    """
+    group_ids = jax.lax.all_gather(ids, "fsdp", axis=0, tiled=True)  # (f rows, seq)
+    n = table.shape[0]
+    local = group_ids - jax.lax.axis_index("fsdp") * n
+    mine = (local >= 0) & (local < n)  # (f rows, seq)
+    rows = jnp.take(table, jnp.clip(local, 0, n - 1), axis=0)  # (f rows, seq, emb)
+    rows = jnp.where(mine[..., None], rows, jnp.zeros((), rows.dtype))
+    return jax.lax.psum_scatter(rows, "fsdp", scatter_dimension=0, tiled=True)
+
+
+def _gather(x: jax.Array, whole: NamedSharding, shard: NamedSharding) -> jax.Array:
+    """All-gather a sharded leaf (`FSDP.gather`). JAX transposes each sharding constraint into
+    the same constraint on the cotangent: the gradient, a partial sum per batch shard, is
+    summed whole across the devices, then each keeps its own shard (all-reduce + slice, which
+    XLA's GPU and TPU pipelines fuse into one reduce-scatter). Summed whole first, so XLA never
+    re-shards batch-sharded operands of a gradient onto the parameter's feature dimension."""
+    return jax.lax.with_sharding_constraint(jax.lax.with_sharding_constraint(x, shard), whole)
 
 
 def init_sharded(init: Callable[[], Any], shardings: Any) -> Any:

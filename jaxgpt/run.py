@@ -126,7 +126,7 @@ def prepare(
     _check_run_dir(run_dir, config, tc, resume)
     parallel.sync("jaxgpt: run folder checked")  # before process 0 writes into it
     trainable = freeze.select(tc.trainable, config)
-    mesh = _mesh(tc)  # a mesh that does not fit fails before the corpus is read or fetched
+    mesh = run_mesh(tc)  # a mesh that does not fit fails before the corpus is read or fetched
     splits = data.load_splits(
         tc.data,
         cache_dir=host.cache_dir(tc.cache_dir),
@@ -164,12 +164,12 @@ def _quiet(name: str, payload: dict[str, Any]) -> None:
     """Processes other than 0 report nothing."""
 
 
-def _mesh(tc: TrainConfig) -> Any:
+def run_mesh(tc: TrainConfig) -> Any:
     """The run's mesh; None for one device without --mesh (the original, unsharded path)."""
     if tc.mesh is None and jax.device_count() == 1:
         return None
     mesh = parallel.make_mesh(tc.mesh)
-    parallel.batch_size_check(mesh, tc.batch_size)
+    parallel.batch_size_check(mesh, tc.batch_size, tc.grad_accum)
     return mesh
 
 

@@ -56,21 +56,31 @@ def init_train_state(
     )
 
 
-def _loss(config: GPTConfig, params: Params, batch: Batch, key: jax.Array | None) -> jax.Array:
+def _loss(
+    config: GPTConfig,
+    params: Params,
+    batch: Batch,
+    key: jax.Array | None,
+    fsdp: parallel.FSDP | None = None,
+) -> jax.Array:
     """Mean cross-entropy of a batch; dropout on when `key` is given (the book's calc_loss_batch).
 
     The head is fused into the loss (`head_cross_entropy`): same value as
     `cross_entropy(GPT.apply(...), y)` to float rounding, without the logits' extra copies.
+    Under `fsdp` the blocks gather their own parameters one at a time, the embeddings are
+    looked up shard by shard, and the head matrix is gathered here, for the loss only.
     """
     x, y = batch  # (batch, seq) each
     rngs = None if key is None else {"dropout": key}
-    hidden = GPT(config).apply(
+    hidden = GPT(config, fsdp).apply(
         {"params": params}, x, key is None, rngs=rngs, method=GPT.hidden
     )  # (batch, seq, emb)
+    head = head_matrix(config, params)
+    head = head if fsdp is None else fsdp.gather(head)  # gathered once, for the loss
     b, s, e = hidden.shape
     return head_cross_entropy(
         hidden.reshape(b * s, e),
-        head_matrix(config, params),
+        head,
         y.reshape(b * s),
         config.tie_embeddings,
         precision(config),
@@ -85,7 +95,8 @@ def loss_and_grads(
     key: jax.Array,
     grad_accum: int = 1,
     *,
-    gather: Callable[[Params], Params] | None = None,
+    merge: Callable[[Params], Params] | None = None,
+    fsdp: parallel.FSDP | None = None,
 ) -> tuple[jax.Array, Params]:
     """Mean token loss of `batch` and its gradient, over `grad_accum` micro-batches.
 
@@ -93,19 +104,24 @@ def loss_and_grads(
     rows; a `lax.scan` sums their losses and gradients and divides by grad_accum. Every
     micro-batch has the same number of tokens, so this is the full batch's mean. Micro-batch i
     draws dropout from fold_in(key, i); grad_accum=1 uses `key` itself (the plain step).
-    `gather` maps the parameters before use (FSDP: gather the shards; default identity).
+    `merge` makes the model's params of the differentiated ones (a fine-tune's frozen params
+    merged in; default identity). `fsdp`: params sharded at rest, gathered where used.
     """
-    gather = gather or (lambda p: p)
+    merge = merge or (lambda p: p)
     if grad_accum == 1:
-        return jax.value_and_grad(lambda p: _loss(config, gather(p), batch, key))(params)
+        return jax.value_and_grad(lambda p: _loss(config, merge(p), batch, key, fsdp))(params)
 
     def micro(carry: tuple, xs: tuple) -> tuple[tuple, None]:
         i, mb = xs  # mb: (batch / grad_accum, seq) inputs and targets
         k = jax.random.fold_in(key, i)
-        loss, grads = jax.value_and_grad(lambda p: _loss(config, gather(p), mb, k))(params)
+        loss, grads = jax.value_and_grad(lambda p: _loss(config, merge(p), mb, k, fsdp))(params)
         return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
-    split = lambda a: a.reshape(grad_accum, a.shape[0] // grad_accum, *a.shape[1:])  # noqa: E731
+    def split(a: jax.Array) -> jax.Array:  # (batch, seq) -> (grad_accum, batch/grad_accum, seq)
+        micro_batches = a.reshape(grad_accum, a.shape[0] // grad_accum, *a.shape[1:])
+        # On a mesh each micro-batch is spread over every device (a tiny int32 all-to-all).
+        return micro_batches if fsdp is None else fsdp.batch(micro_batches, axis=1)
+
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
     xs = (jnp.arange(grad_accum), jax.tree.map(split, tuple(batch)))
     (loss, grads), _ = jax.lax.scan(micro, zeros, xs)
@@ -130,7 +146,7 @@ def make_train_step(
     over the view); frozen params leave the step as they came in.
     The loss goes to optimizers that take extra args (`optim.skip_nonfinite` checks it).
     """
-    gather = _fsdp_gather(shardings)
+    fsdp = _fsdp(shardings)
     extra_args = isinstance(tx, optax.GradientTransformationExtraArgs)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -140,7 +156,7 @@ def make_train_step(
         else:  # frozen params enter the loss as constants: no gradient is taken for them
             view, merge = trainable.view(state.params), partial(trainable.merge, state.params)
         loss, grads = loss_and_grads(
-            config, view, batch, dropout_key, grad_accum, gather=lambda v: gather(merge(v))
+            config, view, batch, dropout_key, grad_accum, merge=merge, fsdp=fsdp
         )
         kw = {"loss": loss} if extra_args else {}
         view, opt_state = apply_gradients(tx, grads, state.opt_state, view, **kw)
@@ -155,29 +171,32 @@ def make_train_step(
 
 
 def mesh_train_step(
-    config: GPTConfig, tx: optax.GradientTransformation, key: jax.Array, mesh: str | None
+    config: GPTConfig,
+    tx: optax.GradientTransformation,
+    key: jax.Array,
+    mesh: str | None,
+    grad_accum: int = 1,
 ) -> tuple[TrainState, Callable[[TrainState, Batch], tuple[TrainState, dict]], Callable]:
     """(fresh state, jitted step, put) for one device (`mesh` None) or the mesh spec `mesh`
     (e.g. "data=2,fsdp=4"): the state initialised shard by shard, and `put(batch)` placing a
     host (batch, seq) batch the way the step takes it. The benchmarks' and tests' way in."""
     init = lambda: init_train_state(config, tx, key)  # noqa: E731
     if mesh is None:  # today's one-device path: no mesh, no shardings
-        return init(), make_train_step(config, tx), lambda b: b
+        return init(), make_train_step(config, tx, grad_accum), lambda b: b
     m = parallel.make_mesh(mesh)
     shardings = parallel.tree_shardings(jax.eval_shape(init), m)
-    step = make_train_step(config, tx, shardings=(shardings, parallel.batch_sharding(m)))
+    step = make_train_step(
+        config, tx, grad_accum, shardings=(shardings, parallel.batch_sharding(m))
+    )
     return parallel.init_sharded(init, shardings), step, lambda b: parallel.put_batch(b, m)
 
 
-def _fsdp_gather(shardings: tuple[Any, Any] | None) -> Callable[[Params], Params]:
-    """FSDP: parameters sharded at rest are gathered for the forward and backward pass (XLA
-    emits all-gathers, and reduce-scatters for their gradients); identity when unsharded.
-    Without it XLA:SPMD mixes batch- and feature-sharded activations and falls back to
-    "involuntary full rematerialization" (measured: 2.4x the compile time on 8 CPU devices)."""
-    if shardings is None:
-        return lambda p: p
-    whole = parallel.replicated(shardings[1].mesh)
-    return lambda p: jax.lax.with_sharding_constraint(p, jax.tree.map(lambda _: whole, p))
+def _fsdp(shardings: tuple[Any, Any] | None) -> parallel.FSDP | None:
+    """FSDP hooks when the mesh has an fsdp axis (parameters sharded at rest); else None:
+    on one device or a `data` mesh every device holds the parameters whole already."""
+    if shardings is None or shardings[1].mesh.shape["fsdp"] == 1:
+        return None
+    return parallel.FSDP(shardings[1].mesh)
 
 
 def _lr(opt_state: optax.OptState) -> jax.Array:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import jax
 
-from jaxgpt import checkpoint, data, metrics, parallel, sampling, tokenizer
+from jaxgpt import checkpoint, data, host, metrics, parallel, sampling, tokenizer
 from jaxgpt.ahead import Ahead, warm_fit
 from jaxgpt.config import GPTConfig, TrainConfig
 from jaxgpt.finetune import Source
@@ -199,8 +199,16 @@ def _train_loop(
     """The book's epoch loop. Steps are dispatched asynchronously: the host reads a step's
     loss only after the next step is queued, so the device never waits for the host, and the
     next batch is cut while the current step runs. Between steps the host reads nothing from
-    the device (the step count is kept on the host), so waiting for steps is train time."""
+    the device (the step count is kept on the host), so waiting for steps is train time.
+
+    On CPU one step at a time: XLA:CPU allocates a step's buffers when it is dispatched, so a
+    step queued behind a running one holds a second set (gpt2, batch 2: 2 x 7.4 GiB). The
+    wait (for the state: the metrics are ready before the step has freed its buffers) comes
+    after the next batch is cut; it cost the `small` step nothing measurable. Then the free
+    host heap is bounded (`host.trim_between_steps`, under reuse_host_memory).
+    """
     tc, config = run.tc, run.config
+    one_at_a_time = jax.default_backend() == "cpu"
     bar = metrics.Progress(run.total_steps, int(state.step), enabled=progress and run.main)
     mngr = checkpoint.manager(run.dir, keep=tc.keep)
     step, m, queued = int(state.step), None, None  # queued: (metrics, tokens seen) of a step
@@ -217,6 +225,9 @@ def _train_loop(
                 run.ready("train")
                 with timer.phase("train"):
                     batch = run.put(batch, rows_only=True)
+                    if one_at_a_time and m is not None:  # the state: ready after the metrics
+                        jax.block_until_ready(state)  # and once the step freed its buffers
+                        host.trim_between_steps()
                     state, m = train_step(state, batch)
                     step += 1
                     done = _finish(queued)  # the previous step, while this one is queued

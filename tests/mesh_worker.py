@@ -69,6 +69,90 @@ def _steps(args: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _switches(args: dict[str, Any]) -> list[dict[str, list[float]]]:
+    """Per variant ({"model": GPTConfig fields over the tiny preset, "grad_accum": K}): losses of
+    `steps` train steps on one device (key "None") and on each mesh. Each variant's state is
+    initialised once, on one device, and placed on each mesh (a sharded init equals it:
+    test_8_devices_follow_the_one_device_losses_and_are_sharded)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxgpt import data, parallel, tokenizer
+    from jaxgpt.config import TrainConfig, get_preset
+    from jaxgpt.optim import make_optimizer
+    from jaxgpt.step import init_train_state, make_train_step
+
+    text = open(args["corpus"], encoding="utf-8").read()
+    out = []
+    for variant in args["variants"]:
+        config = get_preset("tiny").replace(drop_rate=0.1, **variant["model"])
+        tc = TrainConfig(batch_size=16, lr=2e-3, grad_accum=variant["grad_accum"])
+        tokens = tokenizer.encode_array(text) % config.vocab_size  # a small vocabulary: folded
+        batches = list(data.batches(tokens, 16, 16, 16, seed=1, drop_last=True))[: args["steps"]]
+        tx = make_optimizer(tc, 100)
+        start = init_train_state(config, tx, jax.random.key(0))
+        copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+        losses: dict[str, list[float]] = {}
+        for spec in [*args["meshes"], None]:  # one device last: its step donates `start`
+            step, put, state = make_train_step(config, tx, tc.grad_accum), (lambda b: b), start
+            if spec is not None:
+                mesh = parallel.make_mesh(spec)
+                shardings = (parallel.tree_shardings(start, mesh), parallel.batch_sharding(mesh))
+                step = make_train_step(config, tx, tc.grad_accum, shardings=shardings)
+                put = lambda b, mesh=mesh: parallel.put_batch(b, mesh)  # noqa: E731
+                # Copied first: device_put may reuse a buffer of `start`, which the step donates.
+                state = jax.device_put(copy(start), shardings[0])
+            losses[str(spec)] = []
+            for batch in batches:
+                state, m = step(state, put(batch))
+                losses[str(spec)].append(float(m["loss"]))
+        out.append(losses)
+    return out
+
+
+def _fsdp_memory(args: dict[str, Any]) -> dict[str, Any]:
+    """The FSDP train step of `model` (GPTConfig fields) on `mesh`, compiled for a batch of
+    `batch` rows: XLA's memory analysis of one device, the parameter counts, and the result
+    shapes of every all-gather in the compiled program."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+
+    from jaxgpt import parallel
+    from jaxgpt.config import GPTConfig, TrainConfig
+    from jaxgpt.model import count_params
+    from jaxgpt.optim import make_optimizer
+    from jaxgpt.step import init_train_state, make_train_step
+
+    config = GPTConfig(**args["model"])
+    tx = make_optimizer(TrainConfig(), 100)
+    state = jax.eval_shape(lambda: init_train_state(config, tx, jax.random.key(0)))
+    mesh = parallel.make_mesh(args["mesh"])
+    batch_sh = parallel.batch_sharding(mesh)
+    step = make_train_step(config, tx, shardings=(parallel.tree_shardings(state, mesh), batch_sh))
+    ids = jax.ShapeDtypeStruct((args["batch"], config.context_length), jnp.int32, sharding=batch_sh)
+    compiled = step.lower(state, (ids, ids)).compile()
+    mem = compiled.memory_analysis()
+    gathers = []
+    for line in compiled.as_text().splitlines():
+        if re.search(r" all-gather(-start)?\(", line):
+            result = line.split("=", 1)[1].split("all-gather", 1)[0]  # "f32[128,512]{1,0}"
+            shapes = re.findall(r"([a-z]+[0-9]*)\[([0-9,]*)\]", result)
+            gathers += [[t, [int(d) for d in dims.split(",") if d]] for t, dims in shapes]
+    blocks = state.params["trf_blocks"]
+    return {
+        "params": count_params(state.params),
+        "block_params": count_params(blocks) // config.n_layers,
+        "stacked_shapes": [list(x.shape) for x in jax.tree.leaves(blocks)],
+        "arguments": mem.argument_size_in_bytes,
+        "temporaries": mem.temp_size_in_bytes,
+        "outputs": mem.output_size_in_bytes,
+        "aliased": mem.alias_size_in_bytes,
+        "all_gathers": gathers,
+    }
+
+
 def _find(tree: Any, *parts: str) -> Any:
     """The first leaf whose key path mentions all `parts`."""
     import jax
@@ -97,7 +181,8 @@ def _fit(args: dict[str, Any]) -> list[dict[str, Any]]:
 def main() -> None:
     args = json.loads(sys.argv[1])
     _setup(args)
-    result = {"steps": _steps, "fit": _fit}[args["task"]](args)
+    tasks = {"steps": _steps, "fit": _fit, "switches": _switches, "fsdp_memory": _fsdp_memory}
+    result = tasks[args["task"]](args)
     print("RESULT " + json.dumps(result))
 
 

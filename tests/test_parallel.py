@@ -9,6 +9,7 @@ AdamW steps of a tiny model stays within the issue's 1e-5 on losses of ~11.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -97,6 +98,12 @@ def test_mesh_takes_first_devices_and_refuses_too_many() -> None:
 
 def test_fsdp_rule_largest_divisible_dim_small_leaves_replicated() -> None:
     assert parallel.leaf_spec((50257, 32), 4) == P(None, "fsdp")  # 50257 is odd
+    # Scanned blocks (layers, ...): the layer axis is never split, even when it is the largest
+    # divisible dimension; each layer is split as the unrolled leaf is.
+    assert parallel.leaf_spec((48, 32), 4) == P("fsdp", None)
+    assert parallel.leaf_spec((48, 32), 4, stacked=True) == P()  # a layer's 32: small
+    assert parallel.leaf_spec((48, 32, 128), 4, stacked=True) == P(None, None, "fsdp")
+    assert parallel.leaf_spec((4, 1024, 3), 4, stacked=True) == P(None, "fsdp", None)
     assert parallel.leaf_spec((128, 32), 4) == P("fsdp", None)
     assert parallel.leaf_spec((32, 128), 4) == P(None, "fsdp")
     assert parallel.leaf_spec((32,), 4) == P()  # small: replicated
@@ -136,6 +143,75 @@ def test_8_devices_follow_the_one_device_losses_and_are_sharded(corpus: str) -> 
     for name in ("tok_emb", "adam_mu_tok_emb"):
         assert fsdp[name]["spec"] == "P(None, 'fsdp')" and fsdp[name]["shard_shape"] == [50257, 8]
     assert fsdp["norm_scale"]["spec"] == "P()" and fsdp["norm_scale"]["shard_shape"] == [32]
+
+
+# FSDP's memory test model: blocks dominate (a 256-token vocabulary), 8 layers of emb 128.
+MEMORY_MODEL = dict(
+    vocab_size=256, context_length=32, emb_dim=128, n_heads=4, n_layers=8, drop_rate=0.0,
+    scan_layers=True, remat="block",
+)  # fmt: skip
+
+
+def test_fsdp_gathers_one_block_at_a_time() -> None:
+    """fsdp=8, scanned blocks: XLA's plan of one device stays under a bound made of the sharded
+    state, one gathered block and the activations, below what gathering the model would take;
+    and no all-gather in the program holds a stacked (all-layers) leaf or half the model."""
+    out = _worker(dict(devices=8, task="fsdp_memory", mesh="fsdp=8", batch=8, model=MEMORY_MODEL))
+    p, pb, f32 = out["params"], out["block_params"], 4  # bytes per float32
+    layers, e, vocab, s, heads = 8, 128, 256, 32, 4
+    n = 8 * s // 8  # tokens per device: batch 8 x 32 over 8 devices
+    # Arguments: params and AdamW's two moments, 1/8 each (biases and norms, <1% of the
+    # parameters, stay whole: 10%) + the int32 batch.
+    assert out["arguments"] <= 1.1 * 3 * f32 * p / 8
+    assert out["aliased"] >= 3 * f32 * p / 8  # the state is donated: updated in place
+    bound = (
+        f32 * p / 8  # the gradients, sharded
+        + 2 * 2 * f32 * pb  # one block's gathered params and whole gradient, double-buffered
+        + 2 * f32 * vocab * e  # the head, gathered for the loss, and its gradient
+        + f32 * layers * n * e  # each block's input, kept for the backward pass (remat)
+        + 8 * f32 * n * 4 * e  # one block recomputed: ~8 arrays of (tokens, 4 emb)
+        + 4 * f32 * (n // s) * heads * s * s  # its attention scores, softmax and gradients
+        + 2 * f32 * n * vocab  # the logits and their gradient
+    )
+    # 5.0 MB, under the 6.6 MB of the model's whole float32 parameters alone (gathering it
+    # would add those and 6.6 MB of whole gradients).
+    assert bound < f32 * p
+    assert out["temporaries"] <= bound, (out["temporaries"], bound)
+    stacked = [tuple(x) for x in out["stacked_shapes"]]
+    gathered = [(t, tuple(d)) for t, d in out["all_gathers"]]
+    assert not [g for g in gathered if g[1] in stacked]  # never a leaf's all layers at once
+    assert ("f32", (e, 4 * e)) in gathered and ("f32", (4 * e, e)) in gathered  # a block's MLP
+    floats = sum(math.prod(d) * f32 for t, d in gathered if t == "f32")
+    assert floats < f32 * p / 2  # one block, forward and again backward: not the model
+
+
+@pytest.mark.parametrize(
+    "model,tol",
+    [
+        # float32: the same math, reductions split and summed in another order (~1e-7).
+        # 97 tokens padded to 128 rows: the embedding is split along the vocabulary.
+        (dict(remat="block", vocab_pad=64), TOL),
+        # bfloat16 matmul inputs: a sharded matmul rounds its partial sums to bfloat16 in
+        # another order; the issue's bar for mixed precision is 1e-2. 97 padded to 99 rows
+        # does not split 8 ways: the embedding is split along its width. (Slow: 4 compiles.)
+        pytest.param(
+            dict(dtype="bfloat16", remat="dots", vocab_pad=3), 1e-2, marks=pytest.mark.slow
+        ),
+    ],
+    ids=["float32", "bfloat16"],
+)
+def test_every_switch_on_every_mesh_follows_one_device(corpus: str, model: dict, tol) -> None:
+    """Scanned layers, remat, 2-step accumulation, a padded vocabulary (and bf16), all on,
+    with dropout: 3 steps on data=8, fsdp=8 and data=2,fsdp=4 follow one device (a vocabulary
+    of 97 keeps the compiles short)."""
+    meshes = ["data=8", "fsdp=8", "data=2,fsdp=4"]
+    run = dict(model=dict(scan_layers=True, vocab_size=97, **model), grad_accum=2)
+    (losses,) = _worker(dict(devices=8, task="switches", variants=[run], steps=3, meshes=meshes,
+                             corpus=corpus))  # fmt: skip
+    want = losses["None"]
+    assert len(want) == 3 and np.isfinite(want).all(), want
+    for spec in meshes:
+        np.testing.assert_allclose(losses[spec], want, rtol=0, atol=tol, err_msg=spec)
 
 
 def test_checkpoint_resumes_across_meshes_8_to_1_and_1_to_8(tmp_path: Path, corpus: str) -> None:

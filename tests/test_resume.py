@@ -1,6 +1,7 @@
 """Every run resumes, through `scripts/train.py` as a user runs it: scanned layers (one device,
-a mesh of 8 simulated devices, scan switched on and off), two processes (clean, after one is
-killed with SIGKILL, after a SIGTERM to one of them) and two processes resumed by one.
+scan switched on and off), every switch on a mesh of 8 simulated devices resumed on one
+device, two processes (clean, after one is killed with SIGKILL, after a SIGTERM to one of
+them) and two processes resumed by one.
 
 Each resumed run is compared with the same run left unbroken, row by row of `metrics.jsonl`
 (train and validation loss, gradient norm after every step).
@@ -101,16 +102,31 @@ def test_scanned_run_resumes_bit_for_bit(tmp_path: Path, corpus: Path, cache: Pa
     _same_rows(_rows(out), scanned_ref)  # the bar: 1e-6 relative; it is bit for bit
 
 
-def test_scanned_mesh_run_resumes_on_one_device(
-    tmp_path: Path, corpus: Path, cache: Path, scanned_ref
+# Every switch that keeps float32 (bf16 is tested on meshes in test_parallel.py), with
+# micro-batches of 8 rows: one per device of an 8-device mesh.
+SWITCHES = ("--scan-layers", "--remat", "dots", "--grad-accum", "2", "--vocab-pad", "64",
+            "--batch-size", "16")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def switches_ref(tmp_path_factory: pytest.TempPathFactory, corpus: Path, cache: Path) -> list:
+    """12 steps of an unbroken run with every switch on, on one device."""
+    out = tmp_path_factory.mktemp("switches") / "run"
+    _train(*_args(corpus, out, cache, 12, *SWITCHES))
+    return _rows(out)
+
+
+def test_every_switch_on_a_mesh_resumes_on_one_device(
+    tmp_path: Path, corpus: Path, cache: Path, switches_ref
 ) -> None:
     out = tmp_path / "run"
-    mesh = ("--scan-layers", "--mesh", "data=2,fsdp=4")
-    first = _train(*_args(corpus, out, cache, 5, *mesh), devices=8)
+    first = _train(*_args(corpus, out, cache, 5, *SWITCHES, "--mesh", "data=2,fsdp=4"), devices=8)
     assert "mesh {'data': 2, 'fsdp': 4}" in first.stdout
     done = _train("--resume", "--out", str(out), "--max-steps", "12", "--mesh", "data=1")
     assert "from step 5" in done.stdout
-    _same_rows(_rows(out), scanned_ref, MESH_RTOL)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model"]["remat"] == "dots" and saved["train"]["grad_accum"] == 2
+    _same_rows(_rows(out), switches_ref, MESH_RTOL)
 
 
 def test_scan_layers_switch_off_and_on_across_resumes(

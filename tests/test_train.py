@@ -248,3 +248,74 @@ def test_reuse_host_memory_stops_page_faults_on_reallocation() -> None:
     assert (default_tuned, tuned) == ("False", "True")
     assert default_faults >= least
     assert tuned_faults < least // 4
+
+
+_TRIM_SCRIPT = """
+import sys
+import jax
+import numpy as np
+from jaxgpt.host import reuse_host_memory
+def rss_mib() -> float:
+    status = open("/proc/self/status").read().split("VmRSS:")[1]
+    return int(status.split()[0]) / 1024
+tuned = sys.argv[1] == "reuse" and reuse_host_memory()
+jax.jit(lambda x: x * 2)(1.0)  # start the runtime; its first compile
+a = np.ones(64 * 2**18, np.float32)  # 64 MiB, touched
+del a  # freed: kept by the tuned heap
+kept = rss_mib()
+jax.jit(lambda x: x + 1)(1.0)  # another compile
+print(tuned, round(kept - rss_mib()))
+"""
+
+
+@pytest.mark.skipif(
+    __import__("platform").libc_ver()[0] != "glibc", reason="reuse_host_memory is glibc's mallopt"
+)
+def test_reuse_host_memory_returns_what_it_kept_after_a_compile() -> None:
+    """The tuned heap keeps a freed 64 MiB buffer until the next XLA compile, which trims it:
+    compilation's leftovers never sit under the next step's buffers."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _TRIM_SCRIPT, "reuse"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out[0] == "True"
+    assert int(out[1]) >= 60, out  # MiB given back: the buffer's 64, less a compile's own
+
+
+_BETWEEN_STEPS_SCRIPT = """
+import numpy as np
+from jaxgpt import host
+def rss_mib() -> float:
+    status = open("/proc/self/status").read().split("VmRSS:")[1]
+    return int(status.split()[0]) / 1024
+host.RETAIN_BYTES = 96 * 2**20  # before reuse_host_memory: glibc's own top threshold too
+assert host.reuse_host_memory()
+small, guard1 = np.ones(64 * 2**20, np.uint8), np.ones(2**20, np.uint8)  # 64 MiB + guard
+big, guard2 = np.ones(128 * 2**20, np.uint8), np.ones(2**20, np.uint8)  # 128 MiB + guard
+del small  # 64 MiB free below a live block: under the bound, kept
+before = rss_mib()
+kept = host.trim_between_steps()
+print(kept, round(before - rss_mib()))
+del big  # 64 + 128 MiB free: over the bound, given back
+before = rss_mib()
+print(host.trim_between_steps(), round(before - rss_mib()))
+"""
+
+
+@pytest.mark.skipif(
+    __import__("platform").libc_ver()[0] != "glibc", reason="reuse_host_memory is glibc's mallopt"
+)
+def test_trim_between_steps_bounds_the_free_heap_kept() -> None:
+    """Between steps the tuned heap keeps up to RETAIN_BYTES free (here 96 MiB), wherever it
+    lies, and gives all of it back once more is free: a step whose buffers no longer fit in
+    the holes the last one left cannot stack a second set on top of them."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _BETWEEN_STEPS_SCRIPT], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out[0] == "False" and abs(int(out[1])) < 8, out  # nothing given back
+    assert out[2] == "True" and int(out[3]) >= 180, out  # 64 + 128 MiB given back

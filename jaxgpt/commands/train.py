@@ -12,17 +12,20 @@ import dataclasses
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
 from jaxgpt.checkpoint import CONFIG_FILE, load_run_config
 from jaxgpt.cli import Parser
 from jaxgpt.config import ATTENTIONS, PRESETS, REMATS, GPTConfig, TrainConfig, get_preset
-from jaxgpt.host import cache_dir, enable_compile_cache, reuse_host_memory
+from jaxgpt.host import cache_dir, enable_compile_cache, reuse_host_memory, trim_host_memory
 from jaxgpt.runguard import CheckpointWriteError, NonFiniteError, SaveAborted, TrainingInterrupted
 from jaxgpt.train import fit
 
 DEFAULT_MODEL = "small"
+# fit's events after host work that leaves objects in the heap a step freed (jaxgpt.host).
+HOST_WORK_EVENTS = ("untrained", "eval", "sample", "checkpoint")
 # flag -> GPTConfig field; None keeps the preset's value.
 MODEL_FLAGS = {
     "context_length": "context length (tokens per window)",
@@ -180,8 +183,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in --out from its newest checkpoint, with its saved settings "
         "(flags given here override those that may change, e.g. --epochs)",
     )
+    plan = p.add_argument_group(
+        "planning",
+        "compile the training step for these settings on the devices present and print what "
+        "each device holds; reads no data and writes no run folder (with XLA_FLAGS="
+        "--xla_force_host_platform_device_count=N, plan an N-device --mesh on one machine)",
+    )
+    plan.add_argument("--plan", action="store_true", help="plan instead of training")
+    plan.add_argument(
+        "--plan-memory",
+        type=_memory_size,
+        metavar="SIZE",
+        help="a device's memory, e.g. 80GiB, 16GB, 512MiB: say whether the step fits",
+    )
+    plan.add_argument("--plan-json", metavar="PATH", help="also write the plan as JSON to PATH")
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return p
+
+
+def _memory_size(text: str) -> int:
+    from jaxgpt.plan import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:  # argparse: "argument --plan-memory: <this message>", exit 2
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def configs(
@@ -259,9 +285,11 @@ def _main(argv: list[str] | None) -> int:
     # Validated here: before any process waits for others (a fine-tune's shape comes later,
     # from its weights, which JAX reads only once its distributed runtime is up).
     model, train = configs(args, saved, shape_from_weights=fresh_finetune)
+    if not args.plan and (args.plan_memory or args.plan_json):
+        parser.error("--plan-memory and --plan-json go with --plan; add --plan")
     _init_distributed(args)  # before anything touches a device
-    if train.reuse_host_memory:  # before the first computation starts XLA's threads
-        reuse_host_memory()
+    # Before the first computation starts XLA's threads.
+    trim = train.reuse_host_memory and reuse_host_memory()
     if train.compile_cache:
         enable_compile_cache(cache_dir(train.cache_dir))
     source = None
@@ -271,7 +299,34 @@ def _main(argv: list[str] | None) -> int:
         cache = cache_dir(train.cache_dir) / "openai"
         source = finetune.load_source(train.init_from, cache_dir=cache, n_heads=args.n_heads)
         model = finetune.model_config(source, preset=args.model, **_given(args))
-    fit(model, train, resume=args.resume, on_event=_print_event, source=source)
+    if args.plan:
+        return _plan(model, train, args.plan_memory, args.plan_json)
+    on_event = _trimming(_print_event) if trim else _print_event
+    fit(model, train, resume=args.resume, on_event=on_event, source=source)
+    return 0
+
+
+def _trimming(on_event: Callable[[str, dict], None]) -> Callable[[str, dict], None]:
+    """`on_event` that first trims the host heap after the host work between steps."""
+
+    def handle(name: str, e: dict) -> None:
+        if name in HOST_WORK_EVENTS:
+            trim_host_memory()
+        on_event(name, e)
+
+    return handle
+
+
+def _plan(model: GPTConfig, train: TrainConfig, memory: int | None, json_path: str | None) -> int:
+    """`--plan`: print (and maybe write) what each device holds; no data, no run folder."""
+    import json
+
+    from jaxgpt.plan import format_plan, plan
+
+    result = plan(model, train, memory)
+    print("\n".join(format_plan(result)))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0
 
 
