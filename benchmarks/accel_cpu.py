@@ -4,6 +4,11 @@ temporary memory (XLA's memory analysis) with and without rematerialisation.
 
     python benchmarks/accel_cpu.py                     # gpt2-xl compile, gpt2 memory
     python benchmarks/accel_cpu.py --compile-model gpt2 --skip-memory
+    python benchmarks/accel_cpu.py --scan-line 2,4,12 --out benchmarks/results/scan_line.json
+
+`--scan-line` finds where scanning the layers starts to pay on this backend: for each depth
+(the model's width, `--scan-batch` x its context), the train step's compile seconds and its
+median step seconds, unrolled and scanned.
 
 Prints one JSON line per result and writes them all to benchmarks/results/accel_cpu.json.
 """
@@ -12,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import time
 from pathlib import Path
 
@@ -53,6 +60,37 @@ def compile_times(model: str, batch: int) -> list[dict]:
     return rows
 
 
+def scan_line(model: str, layers: list[int], batch: int, steps: int = 3) -> list[dict]:
+    """Compile and step seconds of the train step, unrolled and scanned, at each depth."""
+    rows = []
+    for n in layers:
+        for scan in (False, True):
+            cfg = get_preset(model).replace(n_layers=n, scan_layers=scan)
+            lower_s, compile_s, compiled = compiled_step(cfg, batch)
+            rows.append(
+                {"what": "scan_line", "model": model, "n_layers": n, "scan_layers": scan,
+                 "batch": batch, "seq": cfg.context_length,
+                 "compile_s": round(lower_s + compile_s, 2),
+                 "step_s": round(_step_seconds(cfg, compiled, batch, steps), 3)}
+            )  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _step_seconds(cfg: GPTConfig, compiled: jax.stages.Compiled, batch: int, steps: int) -> float:
+    """Median seconds of `steps` runs of the compiled train step, after one untimed run."""
+    tx = make_optimizer(TrainConfig(batch_size=batch), 1000)  # as compiled_step's
+    state = init_train_state(cfg, tx, jax.random.key(0))
+    ids = jnp.zeros((batch, cfg.context_length), jnp.int32)  # (batch, seq)
+    times = []
+    for _ in range(steps + 1):
+        t = time.perf_counter()
+        state, m = compiled(state, (ids, ids))
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[1:])
+
+
 def remat_memory(model: str, batch: int, dtype: str) -> list[dict]:
     rows = []
     for scan in (False, True):
@@ -79,13 +117,20 @@ def main() -> None:
     p.add_argument("--memory-dtype", default="float32")
     p.add_argument("--skip-compile", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--scan-line", metavar="LAYERS", help="comma-separated depths, e.g. 2,4,12")
+    p.add_argument("--scan-model", default="book-124m")
+    p.add_argument("--scan-batch", type=int, default=2)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
-    info = {**machine(), "backend": jax.default_backend()}
+    info = {**machine(), "backend": jax.default_backend(), "loadavg_start": os.getloadavg()}
     print(json.dumps(info), flush=True)
     rows = [] if args.skip_compile else compile_times(args.compile_model, args.compile_batch)
+    if args.scan_line:
+        layers = [int(n) for n in args.scan_line.split(",")]
+        rows += scan_line(args.scan_model, layers, args.scan_batch)
     if not args.skip_memory:
         rows += remat_memory(args.memory_model, args.memory_batch, args.memory_dtype)
+    info["loadavg_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": info, "results": rows}, indent=2) + "\n")
 

@@ -1,6 +1,7 @@
 """The book's chapter-5 experiment end to end: its own PyTorch code vs `scripts/train.py`.
 
-Both train GPT_CONFIG_124M on "The Verdict" with the book's settings (batch 2, stride 256,
+Both train GPT_CONFIG_124M (or, `--config 29m`, its 29M variant: emb 256, 4 layers, 4 heads,
+5 epochs) on "The Verdict" with the book's settings (batch 2, stride 256,
 AdamW lr 4e-4, weight decay 0.1, 10 epochs, eval_freq 5, eval_iter 5, seed 123), on this
 machine, one after the other, each in a fresh Python process whose whole wall time counts
 (start-up, imports, compilation). The PyTorch side is `llms_from_scratch.ch05`'s
@@ -12,6 +13,7 @@ the evaluations side by side and each side's wall time split into setup, compile
 steps, evaluation, sampling and checkpoints.
 
     python benchmarks/book_curve.py --data tests/fixtures/the-verdict.txt   # ~20 min on 2 cores
+    python benchmarks/book_curve.py --data tests/fixtures/the-verdict.txt --config 29m  # ~3 min
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -27,12 +30,20 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_startup import parse_wall  # noqa: E402  (benchmarks/ is on the path when run)
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
 BOOK = {"batch_size": 2, "lr": 4e-4, "weight_decay": 0.1, "epochs": 10, "eval_freq": 5}
 EVAL_ITER = 5
+# name -> (the model's changes to GPT_CONFIG_124M, epochs): the book's run and the issue's 29M.
+CONFIGS = {
+    "book-124m": ({}, 10),
+    "29m": ({"emb_dim": 256, "n_layers": 4, "n_heads": 4}, 5),
+}
 
 
-def run_torch(text: str, epochs: int, seed: int) -> dict:
+def run_torch(text: str, epochs: int, seed: int, changes: dict) -> dict:
     start = time.perf_counter()
     import torch
     from llms_from_scratch import ch05
@@ -43,7 +54,7 @@ def run_torch(text: str, epochs: int, seed: int) -> dict:
     from jaxgpt.tokenizer import get_encoding
 
     cfg = {"vocab_size": 50257, "context_length": 256, "emb_dim": 768, "n_heads": 12,
-           "n_layers": 12, "drop_rate": 0.1, "qkv_bias": False}  # fmt: skip
+           "n_layers": 12, "drop_rate": 0.1, "qkv_bias": False, **changes}  # fmt: skip
     enc = get_encoding()
     split = int(0.9 * len(text))
 
@@ -111,9 +122,11 @@ def _timing(ch05, times: dict):
         ch05.generate_and_print_sample = originals["sample"]
 
 
-def run_script(data: str, epochs: int, seed: int, cache_dir: str) -> dict:
+def run_script(data: str, epochs: int, seed: int, cache_dir: str, changes: dict) -> dict:
     """`scripts/train.py` with the book's flags in a fresh process; whole wall time counted."""
-    flags = ["--model", "book-124m", "--data", data, "--epochs", str(epochs), "--seed", str(seed),
+    model = [x for k, v in changes.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    flags = ["--model", "book-124m", *model, "--data", data, "--epochs", str(epochs),
+             "--seed", str(seed),
              "--batch-size", str(BOOK["batch_size"]), "--lr", str(BOOK["lr"]),
              "--weight-decay", str(BOOK["weight_decay"]), "--eval-freq", str(BOOK["eval_freq"]),
              "--eval-iter", str(EVAL_ITER), "--start-context", "Every effort moves you",
@@ -126,34 +139,39 @@ def run_script(data: str, epochs: int, seed: int, cache_dir: str) -> dict:
         )  # fmt: skip
         wall = time.perf_counter() - t
     evals = _evals(done.stdout)
-    [line] = [ln for ln in done.stdout.splitlines() if ln.startswith("Wall time: ")]
-    times = {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+) s", line)}
+    phases = parse_wall(done.stdout)
+    times = phases["times"]
     times["startup"] = wall - times["total"]  # interpreter, imports, argument parsing
     samples = [ln for ln in done.stdout.splitlines() if ln.startswith("Every effort")]
-    return {"evals": evals, "samples": samples, "wall_s": wall, "times": times}
+    res = {"evals": evals, "samples": samples, "wall_s": wall, "times": times}
+    return {**res, "compilation": phases.get("compilation")}
 
 
-def _child(side: str, args: argparse.Namespace, text: str) -> dict:
-    """Run one side in a fresh interpreter (so its start-up and imports count)."""
+def torch_process(data: str, config: str, epochs: int | None = None, seed: int = 123) -> dict:
+    """The book's PyTorch loop (`run_torch`) in a fresh interpreter, so its start-up and
+    imports count: its result with `process_wall_s` (the whole process) and `times["startup"]`."""
+    epochs = epochs or CONFIGS[config][1]
     t = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, __file__, "--data", args.data, "--epochs", str(args.epochs),
-         "--seed", str(args.seed), "--child", side],
+        [sys.executable, __file__, "--data", data, "--epochs", str(epochs),
+         "--seed", str(seed), "--config", config, "--child", "torch"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     res = json.loads(done.stdout.splitlines()[-1])
     res["process_wall_s"] = time.perf_counter() - t
+    res["times"]["startup"] = res["process_wall_s"] - sum(res["times"].values())
     return res
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="path to the-verdict.txt")
-    ap.add_argument("--epochs", type=int, default=BOOK["epochs"])
+    ap.add_argument("--config", choices=list(CONFIGS), default="book-124m")
+    ap.add_argument("--epochs", type=int, help="default: the config's (10; 29m: 5)")
     ap.add_argument("--seed", type=int, default=123)
     ap.add_argument("--only", choices=["torch", "jaxgpt"], default=None)
     ap.add_argument("--child", choices=["torch"], default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--out", default="benchmarks/results/book_curve.json")
+    ap.add_argument("--out", help="default: benchmarks/results/book_curve[_29m].json")
     args = ap.parse_args(argv)
     path = Path(args.data)
     if not path.is_file():
@@ -162,29 +180,33 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     text = path.read_text(encoding="utf-8")
+    changes, epochs = CONFIGS[args.config]
+    args.epochs = args.epochs or epochs
     if args.child == "torch":
-        print(json.dumps(run_torch(text, args.epochs, args.seed), default=str))
+        print(json.dumps(run_torch(text, args.epochs, args.seed, changes), default=str))
         return 0
-    sys.path.insert(0, str(Path(__file__).parent))
     from machine import machine
 
-    res: dict = {"benchmark": "book_run", **machine(),
+    res: dict = {"benchmark": "book_run", **machine(), "config": args.config, "model": changes,
                  "settings": {**BOOK, "epochs": args.epochs, "eval_iter": EVAL_ITER,
-                              "seed": args.seed}}  # fmt: skip
+                              "seed": args.seed}, "loadavg_start": os.getloadavg()}  # fmt: skip
     if args.only in (None, "torch"):
-        res["torch_book"] = _child("torch", args, text)
-        tb = res["torch_book"]
-        tb["times"]["startup"] = tb["process_wall_s"] - sum(tb["times"].values())
+        res["torch_book"] = torch_process(args.data, args.config, args.epochs, args.seed)
         _show("torch (book)", res["torch_book"])
     if args.only in (None, "jaxgpt"):
         with tempfile.TemporaryDirectory() as cache:
-            res["jaxgpt"] = run_script(str(path), args.epochs, args.seed, cache)
+            res["jaxgpt"] = run_script(str(path), args.epochs, args.seed, cache, changes)
             _show("jaxgpt, empty compile cache", res["jaxgpt"])
-            res["jaxgpt_warm_cache"] = run_script(str(path), args.epochs, args.seed, cache)
+            res["jaxgpt_warm_cache"] = run_script(str(path), args.epochs, args.seed, cache, changes)
             _show("jaxgpt, warm compile cache", res["jaxgpt_warm_cache"])
+    args.out = (
+        args.out
+        or f"benchmarks/results/book_curve{'' if args.config == 'book-124m' else '_29m'}.json"
+    )
     if "torch_book" in res and "jaxgpt" in res:
         res["speedup_vs_torch"] = res["torch_book"]["process_wall_s"] / res["jaxgpt"]["wall_s"]
         print(f"jaxgpt (cold cache) is {res['speedup_vs_torch']:.2f}x the book's code, wall time")
+    res["loadavg_end"] = os.getloadavg()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1, default=str) + "\n")
     return 0

@@ -47,6 +47,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "remat_block": {"remat": "block"},
     "remat_dots": {"remat": "dots"},
     "scan_remat_block": {"scan_layers": True, "remat": "block"},
+    "cudnn_scan": {"attention": "cudnn", "scan_layers": True},  # device_check's fastest guess
+    "xla_scan": {"attention": "xla", "scan_layers": True},  # against attention_xla: the scan line
     "vocab_pad_off": {"vocab_pad": 1},
 }
 

@@ -257,6 +257,59 @@ def accel_cpu(results: Path) -> str:
     ])  # fmt: skip
 
 
+def startup(results: Path) -> str:
+    """bench_startup.py: each run's wall seconds per phase, before and after compiling ahead,
+    with an empty and a warm compilation cache, each run in its own process."""
+    d = _load(results, "startup.json")
+    rows = []
+    for name, by in d["runs"].items():
+        for label, runs in by.items():
+            for cache, r in runs.items() if isinstance(runs, dict) else ():
+                rows.append([name, label, cache, *_startup_cells(r)])
+    header = ["run", "tree", "cache", "wall", *[label for _, label in _PHASES],
+              "compilation (overlapped)", "compile in steps", "vs book's code", "load"]  # fmt: skip
+    m = d["machine"]
+    trees = "; ".join(f"{k}: {m[k]}" for k in ("before", "after") if k in m)
+    note = (
+        "Seconds; wall is the whole process (start-up: interpreter, imports, flags). Compile "
+        "in steps: the compile phase (what the run waited for) over the median steady step "
+        f"of the after tree's runs. {trees}. Same printed losses before and after: "
+        + ", ".join(f"{n} {by.get('same_losses', NOT_RECORDED)}" for n, by in d["runs"].items())
+        + "."
+    )
+    return _section(d, "startup.json", [_table(header, rows)], note)
+
+
+def _startup_cells(r: dict[str, Any]) -> list[str]:
+    times = {"startup": r.get("startup_s"), **r["times"]}
+    comp = r.get("compilation")
+    return [
+        f"{r['wall_s']:.1f}",
+        *(f"{times[k]:.1f}" if times.get(k) is not None else "-" for k, _ in _PHASES),
+        f"{comp['seconds']:.1f} ({comp['overlapped']:.1f})" if comp else "-",
+        f"{r['compile_in_steps']:.1f}" if "compile_in_steps" in r else "-",
+        f"{r['vs_torch']:.2f}x" if "vs_torch" in r else "-",
+        f"{r['loadavg'][0]:.1f}",
+    ]
+
+
+def scan_line(results: Path) -> str:
+    """accel_cpu.py --scan-line: the train step unrolled and scanned, by depth."""
+    d = _load(results, "scan_line.json")
+    by = {(r["n_layers"], r["scan_layers"]): r for r in d["results"] if r["what"] == "scan_line"}
+    rows = []
+    for n in sorted({n for n, _ in by}):
+        u, s = by[(n, False)], by[(n, True)]
+        rows.append([str(n), f"{u['compile_s']:.1f} / {s['compile_s']:.1f}",
+                     f"{_ms(u['step_s'])} / {_ms(s['step_s'])}",
+                     f"{s['step_s'] / u['step_s']:.2f}"])  # fmt: skip
+    r = next(iter(by.values()))
+    header = ["layers", "compile s, unrolled / scanned", "step ms, unrolled / scanned",
+              "scanned step / unrolled"]  # fmt: skip
+    note = f"`{r['model']}`'s width, batch {r['batch']} x {r['seq']}, float32; median of 3 steps."
+    return _section(d, "scan_line.json", [_table(header, rows)], note)
+
+
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f}"
 
@@ -342,6 +395,8 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "mesh-quiet": mesh_quiet,
     "mesh": mesh,
     "accel-cpu": accel_cpu,
+    "startup": startup,
+    "scan-line": scan_line,
     "plan": plan,
     "host-memory": host_memory,
     "mesh-fsdp": lambda results: _mesh(results, "mesh_fsdp.json"),

@@ -152,6 +152,18 @@ def fingerprint(tree: Any) -> str:
     return "".join(f"{int(v):08x}" for v in _leaf_sums(leaves))
 
 
+def precompile_fingerprint(state: Any, shardings: Any = None) -> None:
+    """Compile, without running, the programs that fingerprint `state` (a TrainState, concrete
+    or abstract) in a save and in a restore check. `shardings`: None (arrays on one device, not
+    committed), one device's Sharding, or a tree of shardings matching `state` (a mesh)."""
+    if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+        leaves = jax.tree.leaves(jax.eval_shape(_to_saveable, state))
+        for shape, dtype in dict.fromkeys((x.shape, x.dtype) for x in leaves):
+            _leaf_sum.lower(jax.ShapeDtypeStruct(shape, dtype, sharding=shardings)).compile()
+    else:  # as restored: the layout on disk, each array on its own sharding
+        _all_leaf_sums.lower(jax.tree.leaves(_disk_target(state, shardings))).compile()
+
+
 def save(mngr: ocp.CheckpointManager, state: Any, meta: dict[str, Any]) -> None:
     """Save the TrainState and JSON metadata (data position, tokens seen, ...) at `state.step`.
 

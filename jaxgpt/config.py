@@ -67,8 +67,9 @@ class GPTConfig(_DictMixin):
     # Accelerator switches (issue 9); the defaults are the book's computation.
     # "book": explicit masked softmax (the reference). "xla"/"cudnn": jax.nn.dot_product_attention
     # with that implementation (no dropout on attention weights: a fused kernel cannot apply it).
-    # "auto": the book's path while attention dropout is active, else cuDNN on GPU for
-    # 16-bit inputs, else XLA. The cached-decode path always uses the book's attention.
+    # "auto": the book's path while attention dropout is active, else cuDNN in programs lowered
+    # for CUDA where its rules hold (model.attention_impl), else XLA. The cached-decode path
+    # always uses the book's attention.
     attention: str = "book"
     # The blocks as one nn.scan over stacked params `trf_blocks/...` (leading layer axis), so
     # compile time does not grow with depth. On disk params are always unrolled (trf_blocks_N).
@@ -187,6 +188,10 @@ class TrainConfig(_DictMixin):
     # Persistent XLA compilation cache in `cache_dir`/xla (scripts/train.py turns it on before
     # the first compile), so a second run with the same shapes does not compile again.
     compile_cache: bool = True
+    # Compile the run's programs (train and eval steps, the sampler, checkpoint fingerprints)
+    # in worker threads while the model initialises and the first evaluation runs
+    # (`jaxgpt.ahead`); off: each compiles on first use. Either way the same programs run.
+    compile_ahead: bool = True
     # Have glibc's malloc keep freed memory for the next step (`train.reuse_host_memory`):
     # XLA:CPU allocates each step's buffers afresh and glibc would page-fault them in again.
     reuse_host_memory: bool = True

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -138,53 +139,108 @@ class Progress:
         self._bar.close()
 
 
-# JAX's own compile-time events: tracing, lowering to MLIR, and the backend (XLA) compile.
+# JAX's own compile-time events: tracing, lowering to MLIR, and the backend (XLA) compile (a
+# persistent-cache hit included). Each comes with its (start, end) wall-clock span.
 COMPILE_EVENTS = (
     "/jax/core/compile/jaxpr_trace_duration",
     "/jax/core/compile/jaxpr_to_mlir_module_duration",
     "/jax/core/compile/backend_compile_duration",
 )
+Span = tuple[float, float]  # (start, end) in time.time() seconds
+
+
+def span_seconds(spans: Sequence[Span], lo: float = -math.inf, hi: float = math.inf) -> float:
+    """Seconds covered by the union of `spans`, clipped to [lo, hi] (nested and overlapping
+    spans count once: a jit traced inside another's trace reports its own span)."""
+    total, reach = 0.0, -math.inf
+    for start, end in sorted(spans):
+        start, end = max(start, lo, reach), min(end, hi)
+        if end > start:
+            total += end - start
+        reach = max(reach, end)
+    return total
 
 
 class PhaseTimer:
     """Wall time per phase of a run ("train", "eval", ...), with JAX compilation split out.
 
     Use as a context manager (it listens to JAX's compile events while open) and wrap each
-    phase in `with timer.phase(name):`; compile time inside a phase counts as "compile".
+    phase in `with timer.phase(name):`. Compilation on the thread that opened the timer, and
+    that thread's waits for programs compiled ahead in worker threads (`add_wait`), count as
+    "compile": the compilation the run waited for. Worker threads' compilation is recorded
+    apart; `compile_report` says how much of all compilation overlapped other work.
     """
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self._main: int | None = None
+        self._spans: list[Span] = []  # the main thread's compiles and waits
+        self._ahead: list[Span] = []  # worker threads' compiles
+        self._programs: dict[str, list[Span]] = defaultdict(list)
+        self._lock = threading.Lock()
 
     def __enter__(self) -> PhaseTimer:
         import jax
 
-        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+        self._main = threading.get_ident()
+        jax.monitoring.register_event_time_span_listener(self._on_span)
         return self
 
     def __exit__(self, *exc: object) -> None:
         import jax
 
-        jax.monitoring.unregister_event_duration_listener(self._on_event)
+        jax.monitoring.unregister_event_time_span_listener(self._on_span)
+        self.seconds["compile"] = span_seconds(self._spans)
 
-    def _on_event(self, event: str, duration: float, **kwargs: Any) -> None:
-        if event in COMPILE_EVENTS:
-            self.seconds["compile"] += duration
+    def _on_span(self, event: str, start: float, end: float, **kwargs: Any) -> None:
+        if event not in COMPILE_EVENTS:
+            return
+        with self._lock:
+            main = threading.get_ident() == self._main
+            (self._spans if main else self._ahead).append((start, end))
+            self._programs[str(kwargs.get("fun_name", "?"))].append((start, end))
+            if main:
+                self.seconds["compile"] = span_seconds(self._spans)
+
+    def add_wait(self, start: float, end: float) -> None:
+        """The main thread waited from `start` to `end` (time.time()) for a program compiling in
+        a worker: compilation the run waited for."""
+        with self._lock:
+            self._spans.append((start, end))
+            self.seconds["compile"] = span_seconds(self._spans)
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        start, compiled = time.perf_counter(), self.seconds["compile"]
+        start = time.time()
         try:
             yield
         finally:
-            elapsed = time.perf_counter() - start
-            self.seconds[name] += elapsed - (self.seconds["compile"] - compiled)
+            end = time.time()
+            with self._lock:
+                waited = span_seconds(self._spans, start, end)
+            self.seconds[name] += end - start - waited
 
     def summary(self) -> dict[str, float]:
         """{phase: seconds} plus "total", in the order the phases first ran."""
         out = {k: round(v, 3) for k, v in self.seconds.items() if v > 0 or k == "compile"}
         out["total"] = round(sum(self.seconds.values()), 3)
         return out
+
+    def compile_report(self) -> dict[str, Any]:
+        """All compilation, main thread and workers: "seconds" (wall time during which
+        anything compiled), "overlapped" (of it, while the main thread did other work),
+        "waited" (= the phase "compile") and "programs" ({jit name: seconds}, largest first)."""
+        with self._lock:
+            waited = span_seconds(self._spans)
+            every = span_seconds(self._spans + self._ahead)
+            programs = {k: span_seconds(v) for k, v in self._programs.items()}
+        ranked = dict(sorted(programs.items(), key=lambda kv: -kv[1]))
+        return {
+            "seconds": round(every, 3),
+            "overlapped": round(every - waited, 3),
+            "waited": round(waited, 3),
+            "programs": {k: round(v, 3) for k, v in ranked.items()},
+        }
 
 
 def _pyplot() -> Any:

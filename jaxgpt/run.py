@@ -30,7 +30,8 @@ EventFn = Callable[[str, dict[str, Any]], None]
 RESUMABLE_CHANGES = frozenset(
     {"epochs", "max_steps", "eval_freq", "eval_iter", "checkpoint_every", "keep",
      "start_context", "sample_tokens", "out", "cache_dir", "data_url", "compile_cache",
-     "grad_accum", "mesh", "skip_nonfinite", "heartbeat_timeout", "tensorboard", "wandb"}
+     "compile_ahead", "grad_accum", "mesh", "skip_nonfinite", "heartbeat_timeout",
+     "tensorboard", "wandb"}
 )  # fmt: skip
 # Model settings a resumed run may change: how the same model is computed, not what it is.
 MODEL_RESUMABLE_CHANGES = ("attention", "scan_layers", "remat")
@@ -62,6 +63,18 @@ class Run:
     source: finetune.Source | None = None  # a fresh fine-tune's weights, until placed
     init_from: dict[str, str] | None = None  # what config.json records of the source
     trackers: tracking.Trackers = field(default_factory=lambda: tracking.Trackers([]))
+    ahead: Any = None  # a jaxgpt.ahead.Ahead compiling the run's programs in worker threads
+
+    def sample_prompt(self) -> str:
+        """The start context of the epochs' samples (the corpus's own when not given)."""
+        prompt = self.tc.start_context
+        return data.default_prompt(self.tc.data) if prompt is None else prompt
+
+    def ready(self, program: str) -> None:
+        """Wait until `program` ("train", "eval", "sample", "fingerprint"), if it is being
+        compiled ahead, is compiled."""
+        if self.ahead is not None:
+            self.ahead.wait(program)
 
     def put(self, batch: Batch, rows_only: bool = False) -> Batch:
         """A host batch (whole, or with `rows_only` this process's rows of a training batch)
@@ -201,6 +214,7 @@ def start_state(run: Run, tx: optax.GradientTransformation, resume: bool) -> Tra
             checkpoint.save_run_config(run.dir, run.config, run.tc, init_from=run.init_from)
         parallel.sync("jaxgpt: run folder set up")
         return state
+    run.ready("fingerprint")  # the restore checks the checkpoint's fingerprint
     with checkpoint.manager(run.dir, keep=run.tc.keep) as mngr:
         state, meta = checkpoint.restore(mngr, like, shardings=shardings)
     run.position = data.DataPosition.from_dict(meta["position"])
@@ -265,6 +279,7 @@ def check_finite(run: Run, state: TrainState) -> None:
 
 def save(run: Run, mngr: Any, state: TrainState) -> None:
     check_finite(run, state)  # never save a halted (diverged) run
+    run.ready("fingerprint")
     meta = {"position": run.position.to_dict(), "tokens_seen": run.tokens_seen}
     step = int(state.step)
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -394,37 +394,63 @@ def generate(
       One list per prompt: the prompt's ids followed by its new ids.
     """
     check_generate_args(
-        config,
-        prompts,
-        max_new_tokens,
-        temperature,
-        top_k,
-        top_p,
-        eos_id,
-        num_beams,
-        key,
+        config, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, num_beams, key,
         length_penalty,
-    )
+    )  # fmt: skip
     prompts = [[int(t) for t in p] for p in prompts]
     if max_new_tokens == 0:
         return prompts
-    params, config = unstack_blocks(params), config.replace(scan_layers=False)  # KV cache: unrolled
-    args, plan = _pack(
-        config,
-        prompts,
-        max_new_tokens,
-        temperature,
-        top_k,
-        top_p,
-        eos_id,
-        num_beams,
-        length_penalty,
-    )
-    key = jax.random.key(0) if key is None else key  # unused when greedy
+    params, args, key, plan = _call(
+        params, config, prompts, max_new_tokens, key, temperature=temperature, top_k=top_k,
+        top_p=top_p, eos_id=eos_id, num_beams=num_beams, length_penalty=length_penalty,
+    )  # fmt: skip
     out_tokens, out_lens = jax.device_get(_generate_padded(params, *args, key, plan=plan))
-    ctx = config.context_length
+    ctx = plan.config.context_length
     conds = [p[-ctx:] for p in prompts]
     return [
         p + out_tokens[i, len(c) : out_lens[i]].tolist()
         for i, (p, c) in enumerate(zip(prompts, conds, strict=True))
     ]
+
+
+def _call(
+    params: Params,
+    config: GPTConfig,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    key: jax.Array | None,
+    **options: Any,
+) -> tuple[Params, tuple[jax.Array, jax.Array, Dyn], jax.Array, Plan]:
+    """The arguments of `_generate_padded` for one checked `generate` call: (params, (tokens,
+    lens, dyn), key, plan); `options`: the call's temperature ... length_penalty (`_pack`'s).
+    `params` may be ShapeDtypeStructs (their layers keep the sharding)."""
+    params = unstack_blocks(params, take=_layer)  # the KV cache runs on unrolled layers
+    config = config.replace(scan_layers=False)
+    args, plan = _pack(config, prompts, max_new_tokens, **options)
+    return params, args, jax.random.key(0) if key is None else key, plan  # key unused if greedy
+
+
+def precompile(
+    params: Params,
+    config: GPTConfig,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    **options: Any,
+) -> None:
+    """Compile, without running, the program `generate(params, config, prompts,
+    max_new_tokens, **options)` runs. `params` may be ShapeDtypeStructs; give each the
+    sharding the real call's params will have (none: not committed to a device)."""
+    kw = {"temperature": 0.0, "top_k": None, "top_p": None, "eos_id": None, "num_beams": 1,
+          "length_penalty": 1.0, **options}  # fmt: skip
+    key = kw.pop("key", None)
+    check_generate_args(config, prompts, max_new_tokens, key=key, **kw)
+    prompts = [[int(t) for t in p] for p in prompts]
+    params, args, key, plan = _call(params, config, prompts, max_new_tokens, key, **kw)
+    _generate_padded.lower(params, *args, key, plan=plan).compile()
+
+
+def _layer(leaf: Any, i: int) -> Any:
+    """Layer i of a stacked leaf, concrete or abstract (keeping a one-device sharding)."""
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype, sharding=leaf.sharding)
+    return leaf[i]

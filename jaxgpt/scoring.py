@@ -11,6 +11,7 @@ models" method for GPT-2). The last window is cut at the end of the text.
 from __future__ import annotations
 
 import collections
+import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -82,6 +83,7 @@ def batches(tokens: Any, w: Windows, context_length: int, batch_size: int) -> It
         yield np.pad(inputs, pad), np.pad(targets, pad), np.pad(mask, pad)
 
 
+@functools.cache  # one jitted step per config: `precompile` compiles the one `score` runs
 def make_score_step(config: GPTConfig) -> Callable[[Params, Any, Any, Any], jax.Array]:
     """A jitted `step(params, inputs, targets, mask) -> float32` sum of the masked tokens'
     cross-entropy (nats). The head runs one row at a time, so only one window's logits
@@ -101,6 +103,15 @@ def make_score_step(config: GPTConfig) -> Callable[[Params, Any, Any, Any], jax.
         return jnp.sum(jnp.where(mask, nats, 0.0))
 
     return jax.jit(step)
+
+
+def precompile(params: Params, config: GPTConfig, context_length: int, batch_size: int) -> None:
+    """Compile, without running, the program `score(params, config, tokens, context_length=
+    context_length, batch_size=batch_size)` runs, whatever the text: its batches are always
+    (batch_size, context_length). `params` may be ShapeDtypeStructs."""
+    rows = jax.ShapeDtypeStruct((batch_size, context_length), jnp.int32)  # (batch, seq)
+    mask = jax.ShapeDtypeStruct((batch_size, context_length), jnp.bool_)
+    make_score_step(config).lower(params, rows, rows, mask).compile()
 
 
 @dataclass(frozen=True)

@@ -49,8 +49,10 @@ def init_train_state(
     init_key, dropout_key = jax.random.split(key)
     params = init_params(config, init_key) if params is None else params
     view = params if trainable is None else trainable.view(params)
+    # One program for the optimizer's zeros, not one per leaf shape (when not traced already).
+    opt_state = tx.init(view) if isinstance(key, jax.core.Tracer) else jax.jit(tx.init)(view)
     return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(view), key=dropout_key
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, key=dropout_key
     )
 
 

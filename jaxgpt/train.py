@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import jax
 
 from jaxgpt import checkpoint, data, host, metrics, parallel, sampling, tokenizer
+from jaxgpt.ahead import Ahead, warm_fit
 from jaxgpt.config import GPTConfig, TrainConfig
 from jaxgpt.finetune import Source
 from jaxgpt.model import Params
@@ -43,12 +44,13 @@ class FitResult:
     state: TrainState
     rows: list[dict[str, float]] = field(default_factory=list)
     times: dict[str, float] = field(default_factory=dict)  # seconds per phase, see PhaseTimer
+    compile: dict = field(default_factory=dict)  # all compilation: PhaseTimer.compile_report
 
 
 def _sample(run: Run, params: Params, epoch: int) -> None:
-    prompt = run.tc.start_context
-    ids = tokenizer.encode(data.default_prompt(run.tc.data) if prompt is None else prompt)
+    ids = tokenizer.encode(run.sample_prompt())
     params = params if run.mesh is None else parallel.to_local(params, run.mesh)
+    run.ready("sample")
     out = sampling.generate(params, run.config, [ids], max_new_tokens=run.tc.sample_tokens)
     text = tokenizer.decode(out[0]).replace("\n", " ")  # the book's compact print
     run.on_event("sample", {"epoch": epoch + 1, "text": text})
@@ -96,6 +98,7 @@ def _eval_and_show(
 
 
 def _eval_row(run: Run, state: TrainState, m: dict, eval_step: Callable, tok_s: float) -> dict:
+    run.ready("eval")
     train_loss, val_loss = run.evaluate(state.params, eval_step)
     step = int(state.step)
     row = metrics.make_row(
@@ -133,7 +136,9 @@ def fit(
     `checkpoint_every` steps, at the end, and on Ctrl-C) and `plots/`; the same rows go to
     TensorBoard and W&B when `tc.tensorboard` / `tc.wandb` ask (`jaxgpt.tracking`). `on_event(name,
     payload)` receives "start", "untrained", "eval", "sample", "checkpoint", "done" (with
-    "times": wall seconds per phase, compilation split out); the default logs them.
+    "times": wall seconds per phase, whose "compile" is the compilation the run waited for,
+    and "compile": all compilation, how much of it overlapped other work, seconds per
+    program); the default logs them.
 
     `tc.init_from` starts from pretrained weights (read here unless `source`, from
     `jaxgpt.finetune.load_source`, holds them; `config` must fit them: see
@@ -155,8 +160,6 @@ def fit(
             tx = make_optimizer(tc, run.total_steps)
             hold_run_dir(held, run, tx, resume)
             open_tracking(held, run)
-            state = start_state(run, tx, resume)
-            start_tracking(run, state)
             shardings = None
             if run.mesh is not None:
                 shardings = (state_shardings(run, tx), parallel.batch_sharding(run.mesh))
@@ -164,8 +167,14 @@ def fit(
                 config, tx, tc.grad_accum, shardings=shardings, trainable=run.trainable
             )
             eval_step = make_eval_step(config)
-        run.on_event("start", start_info(run, state, tx))
+            run.ahead = held.enter_context(Ahead(timer, enabled=tc.compile_ahead))
+            warm_fit(run.ahead, run, tx, (train_step, eval_step), resume, shardings)
+            state = start_state(run, tx, resume)
+            start_tracking(run, state)
+            info = start_info(run, state, tx)  # reads the state: waits for the initialisation
+        run.on_event("start", info)
         if int(state.step) == 0:
+            run.ready("eval")
             with timer.phase("eval"):
                 train_loss, val_loss = run.evaluate(state.params, eval_step)
             run.on_event("untrained", {"train_loss": train_loss, "val_loss": val_loss})
@@ -173,12 +182,10 @@ def fit(
         with timer.phase("plots"):
             plots = metrics.write_plots(run.dir) if run.main else []
         parallel.sync("jaxgpt: fit done")  # no process leaves while another might miss it
-    times = timer.summary()
-    run.on_event(
-        "done",
-        {"step": step, "run_dir": str(run.dir), "plots": [str(p) for p in plots], "times": times},
-    )
-    return FitResult(state, run.rows, times)
+    times, compiled = timer.summary(), timer.compile_report()
+    done = {"step": step, "run_dir": str(run.dir), "plots": [str(p) for p in plots]}
+    run.on_event("done", {**done, "times": times, "compile": compiled})
+    return FitResult(state, run.rows, times, compiled)
 
 
 def _train_loop(
@@ -215,6 +222,7 @@ def _train_loop(
                 seed=tc.seed, shuffle=True, drop_last=True, position=run.position,
                 rows=run.local_rows(), sampling=tc.sampling,
             ):  # fmt: skip
+                run.ready("train")
                 with timer.phase("train"):
                     batch = run.put(batch, rows_only=True)
                     if one_at_a_time and m is not None:  # the state: ready after the metrics

@@ -3,6 +3,9 @@ it starts."""
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -65,3 +68,31 @@ def key() -> jax.Array:
 def verdict_text() -> str:
     """The book's corpus, "The Verdict" (Edith Wharton, 1908, public domain)."""
     return (FIXTURES / "the-verdict.txt").read_text(encoding="utf-8")
+
+
+class _Compiles(logging.Handler):
+    """(thread name, program) of every XLA compilation JAX logs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("Finished XLA compilation of "):
+            program = message.split(" of ", 1)[1].split(" in ")[0]
+            self.seen.append((threading.current_thread().name, program))
+
+
+@pytest.fixture
+def compiles() -> Iterator[list[tuple[str, str]]]:
+    """(thread name, program, e.g. "jit(train_step)") of each XLA compilation in the test."""
+    seen = _Compiles()
+    logger = logging.getLogger("jax")
+    logger.addHandler(seen)
+    jax.config.update("jax_log_compiles", True)  # process-wide: the context form is per thread
+    try:
+        yield seen.seen
+    finally:
+        jax.config.update("jax_log_compiles", False)
+        logger.removeHandler(seen)

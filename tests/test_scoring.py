@@ -96,10 +96,13 @@ def _hf_strided_nll(model, ids: np.ndarray, max_length: int, stride: int) -> tup
 
 @pytest.mark.torch
 @pytest.mark.parametrize("stride", [CTX, 8])
-def test_evaluate_equals_transformers(hf, text: Path, capsys, stride: int) -> None:
+def test_evaluate_equals_transformers(hf, text: Path, capsys, stride: int, compiles) -> None:
     model, path = hf
     args = ["--weights", str(path), "--data", str(text), "--context-length", str(CTX)]
     assert evaluate_main([*args, "--stride", str(stride), "--batch-size", "4", "--json"]) == 0
+    # The scoring program compiled while the text loaded, off the main thread (at most once:
+    # the second stride reuses the first's program).
+    assert [t for t, p in compiles if p == "jit(step)"] in (["jaxgpt-compile_0"], [])
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     ids = tokenizer.encode_array(text.read_text(encoding="utf-8"))
     # HF's window is max_length tokens, the first of which is context only: CTX + 1.

@@ -70,6 +70,7 @@ def _check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Load the weights and the text, score, print; returns the figures."""
     from jaxgpt import data, finetune, host, scoring
+    from jaxgpt.ahead import Ahead
 
     _check_args(args)
     cache = host.cache_dir(args.cache_dir)
@@ -82,7 +83,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"{config.context_length} tokens; pass at most {config.context_length}"
         )
     base_url = args.data_url or data.VERDICT_BASE_URL
-    tokens = data.load_tokens(args.data, cache_dir=cache, base_url=base_url)
+    with Ahead() as ahead:  # the scoring program compiles while the text loads
+        ctx = args.context_length or config.context_length
+        ahead.submit("score", lambda: scoring.precompile(params, config, ctx, args.batch_size))
+        tokens = data.load_tokens(args.data, cache_dir=cache, base_url=base_url)
+        ahead.wait("score")
     bar = _Bar()
     try:
         result = scoring.score(

@@ -47,7 +47,8 @@ ACCEL_FLAGS = {
         ATTENTIONS,
         "attention: book (masked softmax, the reference), xla or cudnn "
         "(jax.nn.dot_product_attention; no dropout on attention weights), auto (book while "
-        "dropout is on, else cudnn on GPU in 16-bit, else xla) (default: book)",
+        "dropout is on, else cudnn where the program is compiled for a CUDA GPU and cuDNN's "
+        "rules hold: 16-bit, head_dim <= 128 and a multiple of 8; else xla) (default: book)",
     ),
     "remat": (
         REMATS,
@@ -87,6 +88,8 @@ TRAIN_HELP = {
     "data_url": "base URL to download the-verdict.txt from",
     "compile_cache": "keep compiled programs in CACHE_DIR/xla so the next run does not compile "
     "again",
+    "compile_ahead": "compile the run's programs in worker threads while the model initialises "
+    "and evaluates (same programs, same results; off: each compiles when first used)",
     "reuse_host_memory": "keep freed host memory for reuse (glibc malloc: one arena, no mmap, "
     "no trimming), so each step does not page-fault its buffers in again",
     "prng_impl": "JAX PRNG for init, dropout and sampling: threefry2x32, rbg or unsafe_rbg",
@@ -383,11 +386,19 @@ def _print_event(name: str, e: dict[str, Any]) -> None:
         "checkpoint": lambda: [],
         "done": lambda: [
             f"Done after {e['step']} steps; see {e['run_dir']}",
-            "Wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in e["times"].items()),
+            "Wall time: "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in e["times"].items())
+            + "; "
+            + _compiled(e["compile"]),
         ],
     }[name]()
     for line in lines:
         tqdm.write(line)
+
+
+def _compiled(c: dict[str, Any]) -> str:
+    """How much compiling there was, and how much of it the run did not wait for."""
+    return f"compilation {c['seconds']:.1f} s, {c['overlapped']:.1f} s of it overlapped other work"
 
 
 def _finetune_lines(e: dict[str, Any]) -> list[str]:
