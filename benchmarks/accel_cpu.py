@@ -61,34 +61,43 @@ def compile_times(model: str, batch: int) -> list[dict]:
 
 
 def scan_line(model: str, layers: list[int], batch: int, steps: int = 3) -> list[dict]:
-    """Compile and step seconds of the train step, unrolled and scanned, at each depth."""
+    """Compile and step seconds of the train step, unrolled and scanned, at each depth. The
+    timed steps alternate between the two programs, so the machine's noise hits both alike."""
     rows = []
     for n in layers:
+        sides = {}
         for scan in (False, True):
             cfg = get_preset(model).replace(n_layers=n, scan_layers=scan)
             lower_s, compile_s, compiled = compiled_step(cfg, batch)
+            sides[scan] = (cfg, compiled, round(lower_s + compile_s, 2))
+        times = _alternating_step_seconds(
+            {scan: (cfg, compiled) for scan, (cfg, compiled, _) in sides.items()}, batch, steps
+        )
+        for scan, (cfg, _, compile_s) in sides.items():
             rows.append(
                 {"what": "scan_line", "model": model, "n_layers": n, "scan_layers": scan,
-                 "batch": batch, "seq": cfg.context_length,
-                 "compile_s": round(lower_s + compile_s, 2),
-                 "step_s": round(_step_seconds(cfg, compiled, batch, steps), 3)}
+                 "batch": batch, "seq": cfg.context_length, "compile_s": compile_s,
+                 "step_s": round(statistics.median(times[scan]), 3), "steps": steps}
             )  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
-def _step_seconds(cfg: GPTConfig, compiled: jax.stages.Compiled, batch: int, steps: int) -> float:
-    """Median seconds of `steps` runs of the compiled train step, after one untimed run."""
+def _alternating_step_seconds(sides: dict, batch: int, steps: int) -> dict[object, list[float]]:
+    """Seconds of `steps` runs of each side's compiled train step, taking turns, after one
+    untimed run each. `sides`: name -> (GPTConfig, compiled step)."""
     tx = make_optimizer(TrainConfig(batch_size=batch), 1000)  # as compiled_step's
-    state = init_train_state(cfg, tx, jax.random.key(0))
-    ids = jnp.zeros((batch, cfg.context_length), jnp.int32)  # (batch, seq)
-    times = []
-    for _ in range(steps + 1):
-        t = time.perf_counter()
-        state, m = compiled(state, (ids, ids))
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times[1:])
+    states = {k: init_train_state(cfg, tx, jax.random.key(0)) for k, (cfg, _) in sides.items()}
+    times: dict[object, list[float]] = {k: [] for k in sides}
+    for i in range(steps + 1):
+        for k, (cfg, compiled) in sides.items():
+            ids = jnp.zeros((batch, cfg.context_length), jnp.int32)  # (batch, seq)
+            t = time.perf_counter()
+            states[k], m = compiled(states[k], (ids, ids))
+            jax.block_until_ready(m)
+            if i:
+                times[k].append(time.perf_counter() - t)
+    return times
 
 
 def remat_memory(model: str, batch: int, dtype: str) -> list[dict]:
@@ -120,6 +129,7 @@ def main() -> None:
     p.add_argument("--scan-line", metavar="LAYERS", help="comma-separated depths, e.g. 2,4,12")
     p.add_argument("--scan-model", default="book-124m")
     p.add_argument("--scan-batch", type=int, default=2)
+    p.add_argument("--scan-steps", type=int, default=3, help="timed steps per side")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
     info = {**machine(), "backend": jax.default_backend(), "loadavg_start": os.getloadavg()}
@@ -127,7 +137,7 @@ def main() -> None:
     rows = [] if args.skip_compile else compile_times(args.compile_model, args.compile_batch)
     if args.scan_line:
         layers = [int(n) for n in args.scan_line.split(",")]
-        rows += scan_line(args.scan_model, layers, args.scan_batch)
+        rows += scan_line(args.scan_model, layers, args.scan_batch, args.scan_steps)
     if not args.skip_memory:
         rows += remat_memory(args.memory_model, args.memory_batch, args.memory_dtype)
     info["loadavg_end"] = os.getloadavg()

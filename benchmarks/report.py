@@ -306,7 +306,8 @@ def scan_line(results: Path) -> str:
     r = next(iter(by.values()))
     header = ["layers", "compile s, unrolled / scanned", "step ms, unrolled / scanned",
               "scanned step / unrolled"]  # fmt: skip
-    note = f"`{r['model']}`'s width, batch {r['batch']} x {r['seq']}, float32; median of 3 steps."
+    note = (f"`{r['model']}`'s width, batch {r['batch']} x {r['seq']}, float32; median of "
+            f"{r.get('steps', 3)} steps, the two programs taking turns.")  # fmt: skip
     return _section(d, "scan_line.json", [_table(header, rows)], note)
 
 
