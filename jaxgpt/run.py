@@ -380,7 +380,9 @@ def _peer_watch(run: Run) -> runguard.PeerWatch:
     # after its last beat (measured: 11-15 s of 20, 90 s of 100) and then aborts the others;
     # a quarter of it leaves the clean stop well ahead.
     timeout = run.tc.heartbeat_timeout / 4
-    client, waits_on = parallel.coordination_client(), (jax.errors.JaxRuntimeError,)
+    # Any failure may be a peer's loss seen first by a collective (JaxRuntimeError) or by
+    # what runs one (Orbax's barriers, a tracker's close); healthy peers end the wait early.
+    client, waits_on = parallel.coordination_client(), (Exception,)
     return runguard.PeerWatch(
         client, jax.process_index(), jax.process_count(), timeout, lost, waits_on=waits_on
     )

@@ -183,6 +183,11 @@ def check_free_space(run_dir: str | os.PathLike, checkpoint_bytes: int, keep: in
         )
 
 
+def _count(value: str | None) -> int:
+    """A peer's beat counter as read from the store (-1: none yet)."""
+    return -1 if value is None else int(value)
+
+
 class PeerWatch:
     """Notice that another process of a multi-process run is gone, within `timeout` seconds.
 
@@ -193,7 +198,8 @@ class PeerWatch:
     process: the main thread may be blocked in a collective that can never finish.
     The I/O and the verdict live in two threads, so a store call that hangs (a frozen
     process 0) still ends in a verdict. A block that fails with one of `waits_on` (the
-    errors a collective raises when its peer vanishes) waits for the verdict on leaving.
+    errors a collective raises when its peer vanishes) waits for the verdict on leaving,
+    unless every peer is seen alive after the failure.
     """
 
     PREFIX = "jaxgpt/alive/"
@@ -224,8 +230,20 @@ class PeerWatch:
 
     def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> None:
         if isinstance(exc, self._waits_on):
-            self.wait(self.timeout + 3 * self._interval)  # on a verdict, on_lost ends us
+            self._wait_unless_all_beat(time.monotonic())  # on a verdict, on_lost ends us
         self._stop.set()
+
+    def _wait_unless_all_beat(self, since: float) -> None:
+        """Wait for a verdict until every peer has beaten twice after `since` (the failure
+        was this process's own: return after about two intervals), or a timeout. Once is no
+        proof: a peer's last beat before it died may be read just after the failure."""
+        with self._lock:
+            then = {p: _count(value) for p, (value, _) in self._seen.items()}
+        deadline = since + self.timeout + 3 * self._interval
+        while not self._verdict.wait(self._interval / 2) and time.monotonic() < deadline:
+            with self._lock:
+                if all(_count(v) >= then[p] + 2 for p, (v, _) in self._seen.items()):
+                    return
 
     def wait(self, seconds: float) -> bool:
         """Wait up to `seconds` for a verdict; True when a process was found lost (and
@@ -247,7 +265,7 @@ class PeerWatch:
                     self._answered = now
                     for p, (old, _) in self._seen.items():
                         new = values.get(f"{self.PREFIX}{p}")
-                        if new != old:
+                        if new is not None and new != old:  # a vanished key: no sign of life
                             self._seen[p] = (new, now)
             self._stop.wait(self._interval)
 
@@ -256,7 +274,9 @@ class PeerWatch:
             now = time.monotonic()
             with self._lock:
                 silent = now - self._answered
-                stale = sorted(p for p, (_, t) in self._seen.items() if now - t > self.timeout)
+                # A peer's silence is measured only up to the store's last answer: a store
+                # that stops answering is the coordinator's loss, not every peer's.
+                stale = [p for p, (_, t) in self._seen.items() if self._answered - t > self.timeout]
             if silent > self.timeout:
                 what = "process 0 (the coordinator)"
                 why = f"its key-value store has not answered for {silent:.0f} s"

@@ -576,3 +576,15 @@ def test_peer_watch_waits_for_its_verdict_on_a_collective_error() -> None:
             one.__exit__(None, None, None)
             raise OSError("the peer hung up")  # leaving the block waits for the verdict
         assert lost and lost[0][0] == "process 1"
+
+
+def test_peer_watch_does_not_wait_out_its_timeout_when_every_peer_is_alive() -> None:
+    store, lost = _Store(), []
+    with _watch(store, 1, []), _watch(store, 2, []):
+        watch = runguard.PeerWatch(
+            store, 0, 3, 2.0, lambda *a: lost.append(a), 0.05, waits_on=(ValueError,)
+        )
+        started = time.monotonic()
+        with pytest.raises(ValueError), watch:
+            raise ValueError("this process's own error")  # the peers keep beating
+        assert time.monotonic() - started < 1.0 and not lost  # not the 2 s timeout

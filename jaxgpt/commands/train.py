@@ -356,12 +356,15 @@ def _print_event(name: str, e: dict[str, Any]) -> None:
 
     if name == "lost":  # every process says it, on stderr, just before it exits
         last = e["checkpoint"] or "none yet (start again without --resume)"
-        tqdm.write(  # on stderr, below the progress bar
-            f"train.py: error: process {e['process']} lost {e['what']} of {e['processes']} "
+        # The process exits right after this line: hold the bars' lock until then, so that no
+        # progress bar is drawn below it (tqdm.write would redraw the bar after it, and the
+        # main thread may refresh it).
+        tqdm.get_lock().acquire()
+        sys.stderr.write(
+            f"\ntrain.py: error: process {e['process']} lost {e['what']} of {e['processes']} "
             f"({e['why']}); last committed checkpoint: {last}; resume with all "
             f"{e['processes']} processes: python scripts/train.py --resume --out "
-            f"{e['run_dir']} (each with its process flags)",
-            file=sys.stderr,
+            f"{e['run_dir']} (each with its process flags)\n"
         )
         return
     lines = {
