@@ -92,7 +92,6 @@ def trim_between_steps() -> bool:
     libc = _glibc() if _retaining else None
     if libc is None or not hasattr(libc, "mallinfo2"):  # mallinfo2: glibc 2.33
         return False
-    libc.mallinfo2.restype = _MallInfo2
     if libc.mallinfo2().fordblks <= RETAIN_BYTES:
         return False
     libc.malloc_trim(0)
@@ -126,4 +125,7 @@ def _glibc() -> Any:
 
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    if hasattr(libc, "mallinfo2"):  # declared once: `trim_between_steps` asks every step
+        libc.mallinfo2.restype = _MallInfo2
+    return libc
